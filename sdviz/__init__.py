@@ -1,0 +1,19 @@
+"""sdviz: see inside Stable Diffusion — which words attend where, the latents, x0 and the noise schedule.
+
+    import sdviz, torch
+    pipe = sdviz.load_pipeline("toy")                  # or a Hub id / local diffusers folder
+    with sdviz.trace(pipe) as tracer:
+        image = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0]
+    run = tracer.result                                # sdviz.TraceResult
+    sdviz.render.overlay(image, run.heatmap("circle", size="image"))
+
+Data flows one way: loading → trace (attention + steps + tokens) → result → render → app / CLI.
+"""
+
+from . import render
+from .loading import PRESETS, ModelUnavailableError, load_pipeline
+from .result import TraceResult
+from .trace import Tracer, trace
+
+__all__ = ["load_pipeline", "trace", "Tracer", "TraceResult", "render", "PRESETS", "ModelUnavailableError"]
+__version__ = "0.1.0"

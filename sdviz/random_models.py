@@ -1,0 +1,216 @@
+"""Stable Diffusion pipelines of the real architectures with random weights.
+
+No weights can be downloaded here, so tests, the benchmark and the app's last-resort fallback build
+each family's real layer layout (blocks, attention heads, cross-attention width, prediction type)
+at full or tiny width, with a small byte-level CLIP tokenizer built in memory.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerAncestralDiscreteScheduler,
+    PNDMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+FAMILIES = ("sd1", "sd2-base", "sd2-v", "sd-turbo", "sdxl")
+
+# Words the in-memory tokenizer knows as single tokens; anything else splits into byte pieces,
+# which is what multi-token-word tests need.
+COMMON_WORDS = (
+    "a an the and of on in at with to above below under over left right top bottom "
+    "red green blue yellow black white orange purple pink brown grey gray "
+    "circle square triangle star cat dog house tree car photo painting small large big "
+    "astronaut riding horse mountain lake sky sun city night forest portrait"
+).split()
+
+
+@lru_cache(maxsize=1)
+def _byte_symbols() -> tuple[str, ...]:
+    """GPT-2/CLIP's reversible byte → printable-unicode table, as 256 symbols in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return tuple(table[b] for b in range(256))
+
+
+def build_tokenizer(words=COMMON_WORDS, model_max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer whose merges spell each of `words` as one token ("red</w>").
+
+    The vocabulary holds the 256 byte symbols, the same with the end-of-word mark, one entry per
+    merge, then <|startoftext|> and <|endoftext|>, like CLIP's own.
+    """
+    symbols = _byte_symbols()
+    vocab: dict[str, int] = {}
+    for s in symbols:
+        vocab.setdefault(s, len(vocab))
+    for s in symbols:
+        vocab.setdefault(s + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    seen = set()
+    for word in words:
+        chars = [symbols[b] for b in word.encode("utf-8")]
+        pieces = chars[:-1] + [chars[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            pair = (left, right)
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(pair)
+            left = left + right
+            vocab.setdefault(left, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def _width(full: bool, full_value, tiny_value):
+    return full_value if full else tiny_value
+
+
+def _text_encoder(tokenizer, hidden: int, layers: int, heads: int, act: str, projection: int | None = None,
+                  full_vocab: bool = False):
+    config = CLIPTextConfig(
+        vocab_size=49408 if full_vocab else len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act=act,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=projection or hidden,
+    )
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def _vae(full: bool, scaling: float, force_upcast: bool = False) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512) if full else (32, 32, 32, 32),
+        layers_per_block=2 if full else 1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512 if full else 64,
+        scaling_factor=scaling,
+        force_upcast=force_upcast,
+    ).eval()
+
+
+def _sd_scheduler_config(prediction_type: str = "epsilon", spacing: str = "leading") -> dict:
+    # The scheduler_config.json that SD 1.x/2.x checkpoints ship.
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+        timestep_spacing=spacing,
+    )
+
+
+def build_random_pipeline(family: str = "sd1", full: bool = False, seed: int = 0):
+    """A `StableDiffusionPipeline` (or XL) of `family`'s architecture with random weights.
+
+    `full=True` gives the real widths (SD1.5: 860 M UNet parameters); `full=False` keeps the layer
+    layout, head counts and prediction type but with 32–64 channels, for tests that run in seconds.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    full_vocab = full  # real vocab size at full width, so the embedding matrix has its real cost
+    if family == "sdxl":
+        return _build_sdxl(tokenizer, full, full_vocab)
+
+    sd1 = family == "sd1"
+    ch = (320, 640, 1280, 1280) if full else (32, 32, 64, 64)
+    if sd1:
+        heads = 8  # SD1's attention_head_dim=8 is really 8 heads
+        cross = 768 if full else 32
+        te = _text_encoder(tokenizer, cross, 12 if full else 2, 12 if full else 4, "quick_gelu", full_vocab=full_vocab)
+    else:
+        heads = (5, 10, 20, 20) if full else (2, 2, 4, 4)  # head_dim 64 in SD2 (16 tiny)
+        cross = 1024 if full else 32
+        te = _text_encoder(tokenizer, cross, 23 if full else 2, 16 if full else 4, "gelu", full_vocab=full_vocab)
+    unet = UNet2DConditionModel(
+        sample_size=(96 if family == "sd2-v" else 64) if full else 16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=ch,
+        layers_per_block=2,
+        cross_attention_dim=cross,
+        attention_head_dim=heads,
+        use_linear_projection=not sd1,
+        norm_num_groups=32,
+    ).eval()
+    vae = _vae(full, 0.18215)
+    if family == "sd-turbo":
+        scheduler = EulerAncestralDiscreteScheduler(**{k: v for k, v in _sd_scheduler_config(spacing="trailing").items()
+                                                      if k not in ("clip_sample", "set_alpha_to_one")})
+    elif family == "sd2-v":
+        scheduler = DDIMScheduler(**_sd_scheduler_config("v_prediction"))
+    else:
+        scheduler = PNDMScheduler(skip_prk_steps=True, **{k: v for k, v in _sd_scheduler_config().items()
+                                                          if k != "clip_sample"})
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _build_sdxl(tokenizer, full: bool, full_vocab: bool):
+    te1 = _text_encoder(tokenizer, 768 if full else 32, 12 if full else 2, 12 if full else 4, "quick_gelu",
+                        full_vocab=full_vocab)
+    te2 = _text_encoder(tokenizer, 1280 if full else 32, 32 if full else 2, 20 if full else 4, "gelu",
+                        projection=1280 if full else 32, full_vocab=full_vocab)
+    time_dim = 256 if full else 8
+    unet = UNet2DConditionModel(
+        sample_size=128 if full else 16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280) if full else (32, 64, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20) if full else (2, 4, 4),
+        cross_attention_dim=te1.config.hidden_size + te2.config.hidden_size,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=te2.config.projection_dim + 6 * time_dim,
+        norm_num_groups=32,
+    ).eval()
+    vae = _vae(full, 0.13025, force_upcast=True)
+    cfg = {k: v for k, v in _sd_scheduler_config().items() if k not in ("clip_sample", "set_alpha_to_one")}
+    scheduler = EulerDiscreteScheduler(**cfg)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+        unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+    )

@@ -1,0 +1,306 @@
+"""Train the toy Stable Diffusion on the shapes world, on CPU, and save it as a diffusers folder.
+
+    python -m sdviz.toy.train                 # the shipped model (see sdviz/toy/model/README.md)
+    python -m sdviz.toy.train --quick --out /tmp/toy   # the whole recipe in seconds, for tests
+
+Stage 1 trains the VAE on rendered scenes; the scenes are then encoded once, and stage 2 trains the
+text encoder (from scratch) and the UNet together on those latents, with caption dropout for
+classifier-free guidance, min-SNR loss weights, EMA weights and an optional loss that pulls each
+object word's cross-attention into its object's mask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sdviz.random_models import build_tokenizer
+from sdviz.toy import world
+
+DEFAULT_OUT = Path(__file__).parent / "model"
+# Stable Diffusion 1.x's scheduler_config.json: the noise schedule the UNet is trained on.
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+                   timestep_spacing="leading")
+
+
+def build_vae(size: int) -> AutoencoderKL:
+    # Three blocks = two downsamplings: f=4, so a 64×64 image becomes 4×16×16 latents (see the model card).
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, sample_size=size,
+    )
+
+
+def build_text_encoder(tokenizer, hidden: int) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, projection_dim=hidden,
+    ))
+
+
+def build_unet(latent_size: int, channels: tuple[int, int], text_dim: int) -> UNet2DConditionModel:
+    # Cross-attention at both resolutions (16² and 8²) and in the mid block.
+    return UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=channels, layers_per_block=1, cross_attention_dim=text_dim,
+        attention_head_dim=4, norm_num_groups=16,
+    )
+
+
+class ProbeProcessor:
+    """Cross-attention that keeps its probabilities in `self.probs` ([batch·heads, h·w, 77]) for the loss."""
+
+    def __init__(self):
+        self.probs = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # [b·heads, hw, d]
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))  # [b·heads, 77, d]
+        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        self.probs = attn.get_attention_scores(q, k, None)  # [b·heads, hw, 77]
+        out = attn.batch_to_head_dim(torch.bmm(self.probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """[N, H, W, 3] uint8 → [N, 3, H, W] float in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1]."""
+    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).mean().item()
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
+def train_vae(vae, images: torch.Tensor, args, log) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed)
+    vae.train()
+    bar = tqdm(range(args.vae_steps), desc="VAE", mininterval=5)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.vae_steps, args.vae_lr, 100)
+        x = images[torch.randint(len(images), (args.vae_batch,), generator=gen)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        # L1 keeps edges sharp; a tiny KL keeps the latents a well-behaved Gaussian-ish space.
+        loss_rec = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        loss = loss_rec + args.vae_kl * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == args.vae_steps - 1:
+            log({"stage": "vae", "step": step, "loss": round(loss.item(), 5), "psnr": round(psnr(rec, x), 2)})
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(rec, x):.1f}")
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_all(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Latent means of all images, unscaled. [N, 4, h, w]"""
+    return torch.cat([vae.encode(images[i:i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
+
+
+def token_targets(scenes, tokenizer, latent_size: int):
+    """Token ids [N, 77], the object each token names [N, 77] (-1: none) and object masks [N, 3, h, w]."""
+    ids = tokenizer([s.caption for s in scenes], padding="max_length", max_length=77, truncation=True,
+                    return_tensors="pt").input_ids
+    owner = torch.full((len(scenes), 77), -1, dtype=torch.long)
+    masks = torch.zeros(len(scenes), 3, latent_size, latent_size)
+    naming = set(world.COLOURS) | set(world.SHAPES) | set(world.SIZES)
+    for i, s in enumerate(scenes):
+        for w, (word, obj) in enumerate(zip(s.caption.split(), world.word_objects(s.caption))):
+            if word in naming:
+                owner[i, w + 1] = obj  # +1: <|startoftext|> comes first, then one token per word
+        m = torch.from_numpy(s.masks).float()[:, None]  # [n, 1, H, W]
+        masks[i, :len(s.masks)] = F.adaptive_avg_pool2d(m, latent_size)[:, 0]
+    return ids, owner, masks
+
+
+def attention_loss(probes, owner: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean over object words and layers of (1 − share of the word's attention inside its mask)²."""
+    b = owner.shape[0]
+    valid = owner >= 0  # [b, 77]
+    if not valid.any():
+        return torch.zeros(())
+    # [b, 77, h, w]: each token's object mask (zeros for tokens that name nothing)
+    tok_masks = torch.gather(masks, 1, owner.clamp(min=0)[:, :, None, None].expand(-1, -1, *masks.shape[2:]))
+    losses = []
+    for p in probes:
+        probs = p.probs.view(b, -1, *p.probs.shape[1:]).mean(1)  # [b, hw, 77]
+        res = int(math.isqrt(probs.shape[1]))
+        m = F.adaptive_avg_pool2d(tok_masks, res).flatten(2).transpose(1, 2)  # [b, hw, 77]
+        share = (probs * m).sum(1) / probs.sum(1).clamp(min=1e-8)  # [b, 77]
+        losses.append(((1 - share) ** 2)[valid].mean())
+    return torch.stack(losses).mean()
+
+
+def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log):
+    """Returns EMA copies of (unet, text_encoder)."""
+    sched = DDIMScheduler(**SD_SCHEDULE)
+    alphas = sched.alphas_cumprod  # [1000]
+    snr = alphas / (1 - alphas)
+    empty_ids = ids[:1].clone()
+    empty_ids[:, 1:] = ids[0, -1]  # "" = <|startoftext|> then padding, as the pipeline tokenizes it
+    probes = {}
+    procs = {}
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor") and args.attn_loss > 0:
+            probes[name] = procs[name] = ProbeProcessor()
+        else:
+            procs[name] = AttnProcessor2_0()
+    unet.set_attn_processor(procs)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    unet.train(), text_encoder.train()
+    bar = tqdm(range(args.steps), desc="UNet+text", mininterval=5)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        idx = torch.randint(len(latents), (args.batch,), generator=gen)
+        x0 = latents[idx] * args.scaling
+        tok, own = ids[idx].clone(), owner[idx].clone()
+        drop = torch.rand(args.batch, generator=gen) < args.caption_dropout  # unconditional for CFG
+        tok[drop], own[drop] = empty_ids, -1
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (args.batch,), generator=gen)
+        xt = sched.add_noise(x0, noise, t)
+        cond = text_encoder(tok).last_hidden_state  # [b, 77, d]
+        pred = unet(xt, t, encoder_hidden_states=cond).sample
+        # min-SNR-5 weights for epsilon prediction: stop easy low-noise steps from dominating.
+        w = snr[t].clamp(max=5.0) / snr[t]
+        loss_mse = (w * (pred - noise).pow(2).mean((1, 2, 3))).mean()
+        loss = loss_mse
+        loss_attn = torch.zeros(())
+        if args.attn_loss > 0:
+            loss_attn = attention_loss(list(probes.values()), own, masks[idx])
+            loss = loss + args.attn_loss * loss_attn
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        if step % 50 == 0 or step == args.steps - 1:
+            log({"stage": "unet", "step": step, "loss": round(loss_mse.item(), 5), "attn": round(loss_attn.item(), 4)})
+            bar.set_postfix(loss=f"{loss_mse.item():.4f}", attn=f"{loss_attn.item():.3f}")
+    ema_unet.set_attn_processor(AttnProcessor2_0())
+    return ema_unet.eval(), ema_text.eval()
+
+
+def save(out: Path, vae, text_encoder, tokenizer, unet) -> None:
+    pipe = StableDiffusionPipeline(
+        vae=vae.half(), text_encoder=text_encoder.half(), tokenizer=tokenizer, unet=unet.half(),
+        scheduler=DDIMScheduler(**SD_SCHEDULE), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    # Weights stay fp16 on disk, but transformers would load them as fp16 while diffusers loads the
+    # UNet in fp32: ask for fp32 so a plain `from_pretrained(folder)` runs without a dtype mismatch.
+    config_path = out / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m sdviz.toy.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the diffusers pipeline (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and sampling")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
+    p.add_argument("--quick", action="store_true", help="tiny data and a few steps of each stage: checks the code end to end")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--scenes", type=int, default=20000, help="training scenes rendered (and encoded once)")
+    p.add_argument("--vae-steps", type=int, default=1500, help="VAE optimisation steps")
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--vae-kl", type=float, default=1e-6, help="KL weight of the VAE loss")
+    p.add_argument("--vae-from", type=Path, default=None, help="reuse the VAE of this pipeline folder, skipping stage 1")
+    p.add_argument("--steps", type=int, default=4000, help="UNet + text encoder steps")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps, then cosine to 10 %%")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
+    p.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (for guidance)")
+    p.add_argument("--attn-loss", type=float, default=0.0,
+                   help="weight of the loss pulling object words' cross-attention into their masks (0: off)")
+    p.add_argument("--channels", type=int, nargs=2, default=(64, 128), help="UNet block widths")
+    p.add_argument("--text-dim", type=int, default=64, help="text encoder width = cross-attention width")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.scenes, args.vae_steps, args.steps, args.vae_batch, args.batch = 64, 3, 3, 4, 4
+        args.channels, args.warmup = (16, 32), 2
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_file = (args.out / "train_log.jsonl").open("w")
+
+    def log(record):
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+    start = time.time()
+    scenes = world.sample_scenes(args.scenes, seed=args.seed, size=args.size)
+    images = to_tensor(np.stack([s.image for s in scenes]))  # [N, 3, H, W]
+    if args.vae_from:
+        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").float().eval()
+    else:
+        vae = build_vae(args.size)
+        train_vae(vae, images, args, log)
+    vae_time = time.time() - start
+    latents = encode_all(vae, images)  # [N, 4, size/4, size/4]
+    # Like SD's 0.18215: scale latents to unit variance for the diffusion schedule.
+    args.scaling = float(1 / latents.std())
+    vae.register_to_config(scaling_factor=args.scaling)
+    tokenizer = build_tokenizer(world.WORDS)
+    text_encoder = build_text_encoder(tokenizer, args.text_dim)
+    unet = build_unet(latents.shape[-1], tuple(args.channels), args.text_dim)
+    ids, owner, masks = token_targets(scenes, tokenizer, latents.shape[-1])
+    unet, text_encoder = train_unet(unet, text_encoder, latents, ids, owner, masks, args, log)
+    save(args.out, vae, text_encoder, tokenizer, unet)
+    summary = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "vae_seconds": round(vae_time), "total_seconds": round(time.time() - start)}
+    (args.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    log(summary)
+    print(f"saved {args.out} in {summary['total_seconds']} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""`sdviz.trace(pipe)`: record one generation of an unmodified diffusers Stable Diffusion pipeline.
+
+    with sdviz.trace(pipe) as tracer:
+        image = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0]
+    run = tracer.result                      # sdviz.TraceResult, plain data on the CPU
+
+What it installs, and removes in `finally` whatever happens:
+- a `CrossAttentionRecorder` around each cross-attention (attn2) processor, via `unet.set_attn_processor`;
+- a forward pre-hook on the U-Net (latent size, whether this call carries classifier-free guidance);
+- a forward pre-hook on the first text encoder (the token ids of the prompt, then of the negative);
+- a wrapper of `scheduler.step` on the scheduler instance: each call closes one step (x_t, guided
+  model output, x0, timestep, sigma, alpha-bar) and the attention recorded since the last one.
+State lives on the Tracer, so two traces of two pipelines in two threads never mix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import CrossAttentionRecorder, LayerInfo, attention_probs, block_of
+from .preview import latent_rgb_factors
+from .result import TraceResult
+from .steps import noise_level, predicted_x0, schedule_of
+from .tokens import tokens_from_ids
+
+
+@dataclass
+class _Step:
+    timestep: float
+    sigma: float
+    alpha_bar: float
+    latent: torch.Tensor        # [C, h, w]
+    model_output: torch.Tensor  # [C, h, w]
+    x0: torch.Tensor            # [C, h, w]
+    attention: dict = field(default_factory=dict)           # layer → [T, h, w] (or [heads, T, h, w])
+    attention_negative: dict = field(default_factory=dict)
+
+
+def _layer_size(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) of a layer with `tokens` query positions: the latent halved k times, rounding up."""
+    h, w = latent_hw
+    for _ in range(8):
+        if h * w == tokens:
+            return h, w
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    side = int(math.isqrt(tokens))
+    return side, tokens // max(side, 1)
+
+
+class Tracer:
+    """Context manager returned by `sdviz.trace`; `tracer.result` holds the `TraceResult` after exit.
+
+    Options:
+      negative  – also record the negative/unconditional branch's attention (classifier-free guidance only)
+      per_head  – keep every head's map ([heads, T, h, w]) instead of the head mean
+      prompt    – the prompt text, when known, to report what was cut past the 77-token window
+    Records the first image of the batch.
+    """
+
+    def __init__(self, pipe, *, negative: bool = False, per_head: bool = False, prompt: str | None = None,
+                 negative_prompt: str | None = None):
+        for part in ("unet", "scheduler"):
+            if getattr(pipe, part, None) is None:
+                raise TypeError(f"sdviz.trace needs a diffusers Stable Diffusion pipeline with a .{part}; "
+                                f"got {type(pipe).__name__}")
+        self.pipe = pipe
+        self.negative = negative
+        self.per_head = per_head
+        self.prompt = prompt
+        self.negative_prompt = negative_prompt
+        self.result: TraceResult | None = None
+        self._installed = False
+        self._reset()
+
+    # -- per-generation state -------------------------------------------------------------------
+    def _reset(self):
+        self._texts: list = []                 # (tokens, words) seen by the text encoder: prompt, then negative
+        self._layers: dict[str, LayerInfo] = {}
+        self._steps: list[_Step] = []
+        self._pending: dict = {}               # layer → map, since the last scheduler step
+        self._pending_negative: dict = {}
+        self._rows: tuple[int, int | None] = (0, None)  # batch rows: (conditional, negative)
+        self._latent_hw = (0, 0)
+        self._schedule = None
+        self._final_latent = None
+        self._keep = (77, 77)                  # tokens kept: up to and including the first <|endoftext|>
+
+    # -- install / restore ----------------------------------------------------------------------
+    def __enter__(self) -> "Tracer":
+        pipe = self.pipe
+        unet, scheduler = pipe.unet, pipe.scheduler
+        originals = unet.attn_processors
+        if any(isinstance(p, CrossAttentionRecorder) for p in originals.values()) or "step" in vars(scheduler):
+            raise RuntimeError("this pipeline is already being traced: one `sdviz.trace(pipe)` at a time "
+                               "(finish the other `with` block first)")
+        self._reset()
+        self._originals = originals
+        self._handles = []
+        wrapped = {}
+        for key, proc in originals.items():
+            module_name = key.rsplit(".processor", 1)[0]
+            if getattr(unet.get_submodule(module_name), "is_cross_attention", False):
+                wrapped[key] = CrossAttentionRecorder(proc, module_name, self._record_attention)
+            else:
+                wrapped[key] = proc
+        if not any(isinstance(p, CrossAttentionRecorder) for p in wrapped.values()):
+            raise RuntimeError(f"{type(unet).__name__} has no cross-attention layers to trace")
+        try:
+            unet.set_attn_processor(wrapped)
+            self._handles.append(unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
+            encoder = getattr(pipe, "text_encoder", None) or getattr(pipe, "text_encoder_2", None)
+            if encoder is not None:
+                self._handles.append(encoder.register_forward_pre_hook(self._on_text_encoder, with_kwargs=True))
+            original_step = scheduler.step
+            scheduler.step = self._wrap_step(original_step)
+            self._installed = True
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self._restore()
+        finally:
+            self.result = self._build_result(complete=exc_type is None)
+        return False
+
+    def _restore(self):
+        unet, scheduler = self.pipe.unet, self.pipe.scheduler
+        try:
+            unet.set_attn_processor(dict(self._originals))
+        finally:
+            vars(scheduler).pop("step", None)
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+            self._installed = False
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _on_text_encoder(self, module, args, kwargs):
+        if self._steps:
+            raise RuntimeError("one sdviz.trace records one generation: open a new `with sdviz.trace(pipe)` "
+                               "for each pipeline call")
+        ids = args[0] if args else kwargs.get("input_ids")
+        tokenizer = getattr(self.pipe, "tokenizer", None) or getattr(self.pipe, "tokenizer_2", None)
+        if ids is None or tokenizer is None or len(self._texts) >= 2:
+            return
+        tokens, words = tokens_from_ids(tokenizer, ids[0].tolist())
+        keep = list(self._keep)
+        keep[len(self._texts)] = len(tokens)
+        self._keep = tuple(keep)
+        self._texts.append((tokens, words))
+
+    def _on_unet(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        self._latent_hw = tuple(sample.shape[-2:])
+        batch = sample.shape[0]
+        # The pipeline's own flag; its batch order is [negative/unconditional, conditional].
+        cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and batch % 2 == 0
+        self._rows = (batch // 2, 0) if cfg else (0, None)
+
+    def _record_attention(self, name, attn, hidden_states, context):
+        cond, neg = self._rows
+        rows = [cond] + ([neg] if (self.negative and neg is not None) else [])
+        probs = attention_probs(attn, hidden_states[rows], context[rows])  # [r, heads, hw, 77]
+        if name not in self._layers:
+            h, w = _layer_size(probs.shape[2], self._latent_hw)
+            self._layers[name] = LayerInfo(name, block_of(name), h, w, attn.heads)
+        info = self._layers[name]
+        for row, (target, keep) in enumerate(zip((self._pending, self._pending_negative), self._keep)):
+            if row >= len(rows):
+                break
+            p = probs[row, :, :, :keep]                                   # [heads, hw, T]
+            p = p.transpose(1, 2).reshape(p.shape[0], -1, info.height, info.width)  # [heads, T, h, w]
+            target[name] = (p if self.per_head else p.mean(0)).to(torch.float16)
+
+    def _wrap_step(self, original_step):
+        def step(model_output, timestep, sample, *args, **kwargs):
+            return_dict = kwargs.pop("return_dict", True)
+            out = original_step(model_output, timestep, sample, *args, return_dict=True, **kwargs)
+            self._on_step(model_output, timestep, sample, out)
+            return out if return_dict else out.to_tuple()
+        return step
+
+    def _on_step(self, model_output, timestep, sample, out):
+        scheduler = self.pipe.scheduler
+        if self._schedule is None:
+            self._schedule = schedule_of(scheduler)
+        sigma, alpha_bar = noise_level(scheduler, timestep)
+        x0 = predicted_x0(scheduler, out, model_output, sample, sigma, alpha_bar)
+        self._steps.append(_Step(
+            timestep=float(timestep), sigma=sigma, alpha_bar=alpha_bar,
+            latent=sample[0].detach().float().clone(), model_output=model_output[0].detach().float().clone(),
+            x0=x0[0].detach().clone(), attention=self._pending, attention_negative=self._pending_negative,
+        ))
+        self._pending, self._pending_negative = {}, {}
+        self._final_latent = out.prev_sample[0].detach().float().clone()
+
+    # -- result ---------------------------------------------------------------------------------
+    def _build_result(self, complete: bool) -> TraceResult:
+        return TraceResult.from_recording(self, complete=complete)
+
+
+def trace(pipe, *, negative: bool = False, per_head: bool = False, prompt: str | None = None,
+          negative_prompt: str | None = None) -> Tracer:
+    """Trace one generation of `pipe`. See `Tracer` for the options and the module docstring for how."""
+    return Tracer(pipe, negative=negative, per_head=per_head, prompt=prompt, negative_prompt=negative_prompt)
