@@ -178,6 +178,9 @@ def build_random_pipeline(family: str = "sd1", full: bool = False, seed: int = 0
     else:
         scheduler = PNDMScheduler(skip_prk_steps=True, **{k: v for k, v in _sd_scheduler_config().items()
                                                           if k != "clip_sample"})
+    # Real checkpoints' scheduler_config.json carries every key, so other schedulers built
+    # from it (DDIM, DDPM) keep SD's values instead of their own defaults (clip_sample=True).
+    scheduler.register_to_config(**_sd_scheduler_config(scheduler.config.prediction_type, scheduler.config.timestep_spacing))
     return StableDiffusionPipeline(
         vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -210,6 +213,7 @@ def _build_sdxl(tokenizer, full: bool, full_vocab: bool):
     vae = _vae(full, 0.13025, force_upcast=True)
     cfg = {k: v for k, v in _sd_scheduler_config().items() if k not in ("clip_sample", "set_alpha_to_one")}
     scheduler = EulerDiscreteScheduler(**cfg)
+    scheduler.register_to_config(**_sd_scheduler_config())
     return StableDiffusionXLPipeline(
         vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer,
         unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
