@@ -1,0 +1,358 @@
+"""The command line: `python -m sdviz "a red circle above a blue square" --out DIR` writes a run's handout.
+
+For one prompt or a batch (`--prompts FILE`, one per line): the final image, a heatmap per word and a
+grid, the x0 step strip, the latent channels, the schedule and attention-over-time plots, the trace
+file and a self-contained report.html. A batch goes on past a failing prompt and reports it at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  python -m sdviz "a red circle above a blue square" --out handout
+  python -m sdviz "a red circle" --steps 30 --guidance 3 --seed 7 --words red,circle --out red-circle
+  python -m sdviz "an astronaut riding a horse" --model sd15 --size 512 --scheduler "DPM++ 2M" --out astro
+  python -m sdviz --prompts prompts.txt --out batch          # one folder per prompt: batch/01-a-red-circle/ …
+  python -m sdviz "a cat" --model random-sd1 --size 64 --steps 3 --out /tmp/smoke   # quick test, random weights
+
+prompts file (--prompts): one prompt per line; blank lines and lines starting with # are skipped. A line may
+end with its own settings, which override the command line's for that prompt only:
+  a red circle above a blue square
+  a red circle above a blue square --seed 1
+  a blue square --guidance 1 --negative "red"
+
+written for each prompt (into DIR, or DIR/NN-<prompt>/ in a batch):
+  image.png                    the final image
+  heatmaps.png                 every word's heatmap over the image, in a grid
+  heatmap-NN-<word>.png        one word's heatmap over the image (enlarged to at least 256 px)
+  steps.png                    the x0 step strip: the predicted final image at evenly spaced steps
+  latent-rgb.png               the final latent, channels 0-2 as red, green, blue
+  latent-channels.png          every latent channel in grey
+  schedule.png                 timestep, sigma and alpha-bar at each step
+  attention-over-time.png      each word's share of attention at each step
+  trace.safetensors            everything recorded (load with sdviz.TraceResult.load)
+  report.html                  one self-contained page with all of the above, explained; opens offline
+
+exit status: 0 when every prompt was written, 1 when some failed (listed at the end), 2 for a usage or model
+error, 130 when interrupted.
+"""
+
+
+def _size(text: str) -> tuple[int, int]:
+    """"512" → (512, 512); "768x512" → (width 768, height 512)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[x×X*]\s*(\d+))?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"size must be N or WxH in pixels, e.g. 512 or 768x512; got {text!r}")
+    width = int(m.group(1))
+    return width, int(m.group(2) or width)
+
+
+def _scheduler(text: str) -> str:
+    from .generate import SCHEDULERS
+
+    squash = lambda s: re.sub(r"[\s_-]", "", s.lower())  # noqa: E731  "euler-a" finds "Euler a"
+    for name in SCHEDULERS:
+        if squash(name) == squash(text):
+            return name
+    raise argparse.ArgumentTypeError(f"unknown scheduler {text!r}; choose one of: {', '.join(SCHEDULERS)}")
+
+
+def _add_settings(parser: argparse.ArgumentParser, default=None):
+    """The per-prompt settings, shared by the command line and the settings at the end of a prompts-file line."""
+    parser.add_argument("--steps", type=int, default=default,
+                        help="denoising steps (default: the model preset's, else 20)")
+    parser.add_argument("--guidance", type=float, default=default,
+                        help="classifier-free guidance scale; 0-1 turns guidance off (default: the preset's, else 7.5)")
+    parser.add_argument("--seed", type=int, default=default, help="random seed of the starting noise (default 0)")
+    parser.add_argument("--scheduler", type=_scheduler, default=default,
+                        help="DDIM, DDPM, Euler, 'Euler a', 'DPM++ 2M', PNDM, LMS or UniPC; case and spaces don't "
+                             "matter (default: the preset's, else the model's own)")
+    parser.add_argument("--size", type=_size, default=default, metavar="N|WxH",
+                        help="image size in pixels, multiples of 8: 512 or 768x512 (default: the model's)")
+    parser.add_argument("--negative", default=default, metavar="TEXT",
+                        help="negative prompt: what the image should not look like")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sdviz",
+        description="Trace Stable Diffusion generations and write a handout per prompt: per-word attention "
+                    "heatmaps, the step-by-step x0 previews, the latent, the noise schedule and a "
+                    "self-contained report.html.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompt", nargs="?", help="the prompt (or give --prompts FILE for a batch)")
+    parser.add_argument("--prompts", type=Path, metavar="FILE",
+                        help="a text file with one prompt per line (see below); writes one folder per prompt")
+    parser.add_argument("--out", type=Path, default=Path("sdviz-out"), metavar="DIR",
+                        help="folder to write into, created if needed (default: ./sdviz-out)")
+    parser.add_argument("--model", metavar="NAME",
+                        help="a preset (toy, sd15, sd21-base, sd21, sd-turbo, sdxl), a Hugging Face Hub id, a local "
+                             "diffusers folder, or random-sd1 / random-sd2-base / random-sd2-v / random-sd-turbo / "
+                             "random-sdxl: tiny random-weight pipelines for testing (their pictures are noise). "
+                             "Default: toy, the built-in offline shapes model")
+    _add_settings(parser)
+    parser.add_argument("--words", action="append", metavar="W1,W2",
+                        help="draw only these words' heatmaps (comma-separated, or repeat the option); in a batch, "
+                             "each prompt draws those it contains (default: every word)")
+    parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                        help="weights' precision (default: float16 on GPUs; float32 on CPU, or bfloat16 for large "
+                             "models on CPUs with AMX)")
+    return parser
+
+
+class _LineParser(argparse.ArgumentParser):
+    """Parses the settings at the end of a prompts-file line; raises ValueError instead of exiting."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+_OWN_SETTINGS = re.compile(r"\s(?=--[a-z])")  # where a line's own settings begin: " --seed 3"
+
+
+def split_line(line: str) -> tuple[str, dict]:
+    """"a red circle --seed 3" → ("a red circle", {"seed": 3}). ValueError for settings it can't read."""
+    parts = _OWN_SETTINGS.split(" " + line.strip(), maxsplit=1)
+    prompt = parts[0].strip()
+    if len(parts) == 1:
+        return prompt, {}
+    parser = _LineParser(prog="a prompts-file line", add_help=False)
+    _add_settings(parser, default=argparse.SUPPRESS)
+    return prompt, vars(parser.parse_args(shlex.split(parts[1])))
+
+
+@dataclasses.dataclass
+class Job:
+    number: int          # 1-based position among the prompts
+    line: int | None     # line number in the prompts file
+    text: str            # the line as written (prompt and its own settings)
+    out: Path
+
+
+def read_jobs(args) -> list[Job]:
+    if args.prompts is None:
+        return [Job(1, None, args.prompt, args.out)]
+    try:
+        lines = args.prompts.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise SystemExit(f"error: can't read the prompts file: {err}") from None
+    kept = [(i, line.strip()) for i, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
+    if not kept:
+        raise SystemExit(f"error: {args.prompts} has no prompts (blank lines and # comments are skipped)")
+    from .report import slug
+
+    width = max(2, len(str(len(kept))))
+    return [Job(n, i, text, args.out / f"{n:0{width}d}-{slug(_OWN_SETTINGS.split(' ' + text, maxsplit=1)[0])}")
+            for n, (i, text) in enumerate(kept, 1)]
+
+
+def default_settings(args, model: str):
+    """The command line's settings, with the model preset's defaults for those not given."""
+    from .generate import Settings
+    from .loading import PRESETS
+
+    preset = PRESETS.get(model)
+    size = args.size or ((preset.size, preset.size) if preset else (None, None))
+    return Settings(
+        prompt="", negative_prompt=args.negative or "",
+        steps=args.steps if args.steps is not None else (preset.steps if preset else 20),
+        guidance=args.guidance if args.guidance is not None else (preset.guidance if preset else 7.5),
+        seed=args.seed if args.seed is not None else 0,
+        width=size[0], height=size[1],
+        scheduler=args.scheduler or (preset.scheduler if preset else None),
+    )
+
+
+def job_settings(base, text: str):
+    """`base` with the line's prompt and the settings written at its end; checked (ValueError says what to fix)."""
+    prompt, own = split_line(text)
+    if not prompt:
+        raise ValueError("the line has settings but no prompt")
+    if "size" in own:
+        own["width"], own["height"] = own.pop("size")
+    if "negative" in own:
+        own["negative_prompt"] = own.pop("negative")
+    settings = dataclasses.replace(base, prompt=prompt, **own)
+    settings.check()
+    return settings
+
+
+def choose_model(name: str | None) -> str:
+    from .loading import PRESETS, TOY_MODEL_DIR
+
+    if name:
+        return name
+    if (TOY_MODEL_DIR / "model_index.json").is_file():
+        return "toy"
+    raise SystemExit(f"error: no --model given and the built-in toy model is not installed ({TOY_MODEL_DIR} has no "
+                     f"model_index.json; train it with `python -m sdviz.toy.train`). Pass --model: a preset "
+                     f"({', '.join(PRESETS)}), a Hub id, a local diffusers folder, or random-sd1 to test with "
+                     f"random weights.")
+
+
+def open_model(name: str, device: str | None, dtype: str | None):
+    import torch
+
+    from .loading import load_pipeline, pick_device
+    from .random_models import FAMILIES, build_random_pipeline
+
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    if name.startswith("random-"):
+        family = name[len("random-"):]
+        if family not in FAMILIES:
+            raise SystemExit(f"error: unknown test model {name!r}; choose one of "
+                             + ", ".join(f"random-{f}" for f in FAMILIES))
+        pipe = build_random_pipeline(family).to(pick_device(device))
+        if torch_dtype not in (None, torch.float32):
+            pipe = pipe.to(torch_dtype)
+    else:
+        try:
+            pipe = load_pipeline(name, device=device, dtype=torch_dtype)
+        except (FileNotFoundError, RuntimeError, TypeError) as err:
+            raise SystemExit(f"error: {err}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reproduce(settings, model: str) -> str:
+    """The command line that makes this run again."""
+    parts = ["python -m sdviz", shlex.quote(settings.prompt), "--model", shlex.quote(model),
+             "--steps", str(settings.steps), "--guidance", f"{settings.guidance:g}", "--seed", str(settings.seed)]
+    if settings.scheduler:
+        parts += ["--scheduler", shlex.quote(settings.scheduler)]
+    if settings.width and settings.height:
+        parts += ["--size", f"{settings.width}x{settings.height}"]
+    if settings.negative_prompt:
+        parts += ["--negative", shlex.quote(settings.negative_prompt)]
+    return " ".join(parts)
+
+
+def present_words(run, wanted: list[str] | None) -> list[str] | None:
+    """The wanted words this prompt contains (None: all words). ValueError if it contains none of them."""
+    if not wanted:
+        return None
+    found = []
+    for word in wanted:
+        try:
+            run.token_indices(word)
+            found.append(word)
+        except KeyError:
+            pass
+    if not found:
+        raise ValueError(f"the prompt contains none of --words {', '.join(wanted)}; its words are: "
+                         + ", ".join(w.text for w in run.words))
+    return found
+
+
+def write_outputs(out: Path, run, image, settings, model: str, words, extra: dict) -> list[Path]:
+    """Every file of one prompt's handout, in `out`."""
+    from . import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    pictures = report.handout_images(run, image, words)
+    written = []
+    for name, picture in pictures.items():
+        picture.save(out / name)
+        written.append(out / name)
+    written.append(run.save(out / "trace.safetensors"))
+    info = dataclasses.asdict(settings) | {"model": model}
+    written.append(report.write_report(out / "report.html", run, image, info, extra, words, pictures))
+    return written
+
+
+def run_job(pipe, job: Job, base, model: str, wanted, device_label: str, nested: bool) -> list[Path]:
+    """Generate one prompt (a step progress bar below the prompts bar when `nested`) and write its handout."""
+    from tqdm.auto import tqdm
+
+    from .generate import generate
+
+    settings = job_settings(base, job.text)
+    bar = tqdm(total=settings.steps, desc="steps", unit="step", leave=False, position=int(nested))
+
+    def on_step(step, total, latents):
+        bar.total = total
+        bar.update(1)
+
+    start = time.perf_counter()
+    try:
+        image, run = generate(pipe, settings, on_step=on_step)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    words = present_words(run, wanted)
+    extra = {"Device": device_label, "Generation time": f"{seconds:.1f} s", "Reproduce with": reproduce(settings, model)}
+    return write_outputs(job.out, run, image, settings, model, words, extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.prompt is None) == (args.prompts is None):
+        parser.error("give one prompt, or --prompts FILE for a batch (not both)")
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error("the prompt is empty: type what the image should show, e.g. \"a red circle\"")
+    try:
+        return _run(args, parser)
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+            return 2
+        raise
+
+
+def _run(args, parser) -> int:
+    from tqdm.auto import tqdm
+
+    model = choose_model(args.model)
+    base = default_settings(args, model)
+    try:
+        dataclasses.replace(base, prompt="check").check()
+    except ValueError as err:
+        parser.error(str(err))
+    wanted = [w.strip() for item in (args.words or []) for w in item.split(",") if w.strip()] or None
+    jobs = read_jobs(args)
+
+    pipe = open_model(model, args.device, args.dtype)
+    param = next(pipe.unet.parameters())
+    device_label = f"{param.device.type}, {str(param.dtype).replace('torch.', '')}"
+    batch = args.prompts is not None
+    failures: list[tuple[Job, str]] = []
+    jobs_bar = tqdm(jobs, desc="prompts", unit="prompt", disable=not batch, position=0)
+    try:
+        for job in jobs_bar:
+            try:
+                run_job(pipe, job, base, model, wanted, device_label, nested=batch)
+            except Exception as err:  # a batch goes on; the failure is reported at the end
+                failures.append((job, f"{type(err).__name__}: {err}"))
+                tqdm.write(f"failed: {_where(job)}: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        jobs_bar.close()
+        print(f"interrupted; finished prompts are in {args.out}", file=sys.stderr)
+        return 130
+    jobs_bar.close()
+
+    done = len(jobs) - len(failures)
+    print(f"wrote {done} of {len(jobs)} prompt{'s' if len(jobs) != 1 else ''} to {args.out}", file=sys.stderr)
+    if failures:
+        print(f"{len(failures)} failed:", file=sys.stderr)
+        for job, message in failures:
+            print(f"  {_where(job)}: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _where(job: Job) -> str:
+    return f"line {job.line} ({job.text!r})" if job.line is not None else repr(job.text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
