@@ -236,13 +236,13 @@ class TraceResult:
         got). `normalize=True` divides by the maximum so the map spans 0–1, for display.
         `heads` picks heads (int or list) when the trace kept them (`per_head=True`).
         """
-        idx = self.token_indices(word, negative)
-        step_idx = self.step_indices(steps)
-        chosen = self.select_layers(layers, blocks, resolutions)
         maps = self.attention_negative if negative else self.attention
         if not maps:
             raise ValueError("this trace has no negative-prompt attention: trace with negative=True "
                              "and a guidance scale > 1" if negative else "this trace recorded no attention")
+        idx = self.token_indices(word, negative)
+        step_idx = self.step_indices(steps)
+        chosen = self.select_layers(layers, blocks, resolutions)
         target = self._target_size(size)
         total = torch.zeros(target)
         for layer in chosen:
