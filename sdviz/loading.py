@@ -162,6 +162,6 @@ def _from_hub(repo_id: str, kwargs: dict):
 
 def _check_traceable(pipe, source: str):
     unet = getattr(pipe, "unet", None)
-    if unet is None or not any("attn2" in k for k in unet.attn_processors):
+    if unet is None or not any("attn2" in k for k in getattr(unet, "attn_processors", {})):
         raise TypeError(f"{source} loads as {type(pipe).__name__}, which has no U-Net with cross-attention; "
                         f"sdviz traces Stable Diffusion 1.x, 2.x, Turbo and XL pipelines")
