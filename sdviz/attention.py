@@ -39,28 +39,30 @@ def block_of(name: str) -> str:
     return "other"
 
 
-def attention_probs(attn, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+def project_keys(attn, context: torch.Tensor) -> torch.Tensor:
+    """The layer's keys, split into heads: context [b, 77, d] → [b, heads, 77, head_dim]."""
+    if attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    key = attn.to_k(context)
+    key = key.view(key.shape[0], -1, attn.heads, key.shape[-1] // attn.heads).transpose(1, 2)
+    return attn.norm_k(key) if attn.norm_k is not None else key
+
+
+def attention_probs(attn, hidden_states: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """softmax(Q·Kᵀ·scale) of one `Attention` layer, in float32.
 
-    hidden_states: [b, hw, c] (or [b, c, h, w]); context: [b, 77, d] → probs [b, heads, hw, 77].
-    Follows the layer's own pre-processing (group norm, cross-attention norm, q/k norms).
+    hidden_states: [b, hw, c] (or [b, c, h, w]); key: `project_keys` output [b, heads, 77, d]
+    → probs [b, heads, hw, 77]. Follows the layer's own pre-processing (group norm, q/k norms).
     """
     if hidden_states.ndim == 4:
         b, c, h, w = hidden_states.shape
         hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    if attn.norm_cross:
-        context = attn.norm_encoder_hidden_states(context)
     query = attn.to_q(hidden_states)
-    key = attn.to_k(context)
-    b, head_dim = query.shape[0], key.shape[-1] // attn.heads
-    query = query.view(b, -1, attn.heads, head_dim).transpose(1, 2)  # [b, heads, hw, d]
-    key = key.view(b, -1, attn.heads, head_dim).transpose(1, 2)      # [b, heads, 77, d]
+    query = query.view(query.shape[0], -1, attn.heads, key.shape[-1]).transpose(1, 2)  # [b, heads, hw, d]
     if attn.norm_q is not None:
         query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
     return scores.softmax(dim=-1)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import CrossAttentionRecorder, LayerInfo, attention_probs, block_of
+from .attention import CrossAttentionRecorder, LayerInfo, attention_probs, block_of, project_keys
 from .preview import latent_rgb_factors
 from .result import TraceResult
 from .steps import noise_level, predicted_x0, schedule_of
@@ -91,6 +91,7 @@ class Tracer:
         self._schedule = None
         self._final_latent = None
         self._keep = (77, 77)                  # tokens kept: up to and including the first <|endoftext|>
+        self._keys: dict = {}                  # projected text keys per (layer, context)
 
     # -- install / restore ----------------------------------------------------------------------
     def __enter__(self) -> "Tracer":
@@ -170,7 +171,12 @@ class Tracer:
     def _record_attention(self, name, attn, hidden_states, context):
         cond, neg = self._rows
         rows = [cond] + ([neg] if (self.negative and neg is not None) else [])
-        probs = attention_probs(attn, hidden_states[rows], context[rows])  # [r, heads, hw, 77]
+        # The text context is the same tensor at every step: project its keys once per layer.
+        cache_key = (name, context.data_ptr(), context._version, tuple(context.shape), tuple(rows))
+        key = self._keys.get(cache_key)
+        if key is None:
+            key = self._keys[cache_key] = project_keys(attn, context[rows])
+        probs = attention_probs(attn, hidden_states[rows], key)           # [r, heads, hw, 77]
         if name not in self._layers:
             h, w = _layer_size(probs.shape[2], self._latent_hw)
             self._layers[name] = LayerInfo(name, block_of(name), h, w, attn.heads)
@@ -179,8 +185,10 @@ class Tracer:
             if row >= len(rows):
                 break
             p = probs[row, :, :, :keep]                                   # [heads, hw, T]
-            p = p.transpose(1, 2).reshape(p.shape[0], -1, info.height, info.width)  # [heads, T, h, w]
-            target[name] = (p if self.per_head else p.mean(0)).to(self.dtype)
+            if not self.per_head:
+                p = p.mean(0)                                             # [hw, T]
+            p = p.to(self.dtype).transpose(-1, -2)                        # [(heads,) T, hw]
+            target[name] = p.reshape(*p.shape[:-1], info.height, info.width)  # [(heads,) T, h, w]
 
     def _wrap_step(self, original_step):
         # wraps() keeps step's signature visible: pipelines pass `generator` and `eta` only to a
