@@ -42,7 +42,9 @@ def build_vae(size: int) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, sample_size=size,
+        block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=16, sample_size=size,
+        # No attention in the mid block: the VAE is then purely convolutional, so it can train on crops.
+        mid_block_add_attention=False,
     )
 
 
@@ -106,7 +108,12 @@ def train_vae(vae, images: torch.Tensor, args, log) -> None:
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.vae_steps, args.vae_lr, 100)
-        x = images[torch.randint(len(images), (args.vae_batch,), generator=gen)]
+        x = images[torch.randint(len(images), (args.vae_batch,), generator=gen)]  # [b, 3, H, W]
+        # Random crops (on the latent grid) cost a quarter of whole images and hold the same edges.
+        c = args.vae_crop
+        if c < x.shape[-1]:
+            i, j = (4 * torch.randint((x.shape[-1] - c) // 4 + 1, (2,), generator=gen)).tolist()
+            x = x[:, :, i:i + c, j:j + c]
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=gen)).sample
         # L1 keeps edges sharp; a tiny KL keeps the latents a well-behaved Gaussian-ish space.
@@ -242,8 +249,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny data and a few steps of each stage: checks the code end to end")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--scenes", type=int, default=20000, help="training scenes rendered (and encoded once)")
-    p.add_argument("--vae-steps", type=int, default=1500, help="VAE optimisation steps")
+    p.add_argument("--vae-steps", type=int, default=2500, help="VAE optimisation steps")
     p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-crop", type=int, default=32, help="side of the random crops the VAE trains on")
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-kl", type=float, default=1e-6, help="KL weight of the VAE loss")
     p.add_argument("--vae-from", type=Path, default=None, help="reuse the VAE of this pipeline folder, skipping stage 1")
@@ -255,7 +263,7 @@ def parse_args(argv=None):
     p.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (for guidance)")
     p.add_argument("--attn-loss", type=float, default=0.0,
                    help="weight of the loss pulling object words' cross-attention into their masks (0: off)")
-    p.add_argument("--channels", type=int, nargs=2, default=(64, 128), help="UNet block widths")
+    p.add_argument("--channels", type=int, nargs=2, default=(32, 64), help="UNet block widths")
     p.add_argument("--text-dim", type=int, default=64, help="text encoder width = cross-attention width")
     args = p.parse_args(argv)
     if args.quick:

@@ -1,0 +1,240 @@
+"""Evaluate the toy model on held-out captions, through sdviz's tracing (the same code as the app).
+
+    python -m sdviz.toy.evaluate [--model sdviz/toy/model] [--json out.json]
+
+Measures VAE reconstruction PSNR; whether generated images hold every requested colour, no other
+colour, the requested shapes and positions (colour segmentation); and cross-attention localisation:
+the pointing game (argmax of a word's heatmap inside the mask of the object it names) and the IoU of
+the heatmap, min-max normalised and thresholded at 0.5, with that mask. Localisation is measured on
+generated images (masks from segmentation) and on held-out scenes noised to t=501 (exact masks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import sdviz
+from sdviz.toy import world
+
+PALETTE = {"background": world.BACKGROUND, **world.COLOURS}
+COLOUR_TOLERANCE = 60.0  # RGB distance; edge pixels blended with the background fall outside it
+MIN_PIXELS = 12  # a colour counts as present from this many pixels (a small triangle has ~50)
+HEATMAP_THRESHOLD = 0.5  # on the min-max normalised heatmap
+NOISED_T = 501  # the first timestep of a 2-step DDIM schedule (SD's "leading" spacing + offset 1)
+TARGETS = {"vae_psnr_db": 30.0, "all_colours_present": 0.95, "no_extra_colour": 0.90,
+           "pointing_colour": 0.95, "pointing_shape": 0.95, "miou": 0.6, "seconds_per_image": 2.0}
+
+
+def segment(image: np.ndarray) -> dict[str, np.ndarray]:
+    """Pixels of each palette colour (background included). [H, W, 3] uint8 → {name: [H, W] bool}"""
+    names = list(PALETTE)
+    ref = np.array([PALETTE[n] for n in names], np.float32)  # [C, 3]
+    dist = np.linalg.norm(image.astype(np.float32)[:, :, None] - ref, axis=-1)  # [H, W, C]
+    nearest, close = dist.argmin(-1), dist.min(-1) < COLOUR_TOLERANCE
+    return {n: (nearest == i) & close for i, n in enumerate(names)}
+
+
+def colours_present(seg: dict[str, np.ndarray]) -> set[str]:
+    return {c for c in world.COLOURS if seg[c].sum() >= MIN_PIXELS}
+
+
+def classify_shape(mask: np.ndarray) -> str:
+    """Circle, square or triangle from how much of its bounding box the shape fills (π/4, 1, 1/2)."""
+    ys, xs = np.nonzero(mask)
+    # Percentiles, so that a few stray pixels elsewhere do not stretch the box.
+    y0, y1 = np.percentile(ys, [1, 99])
+    x0, x1 = np.percentile(xs, [1, 99])
+    box = mask[int(y0):int(y1) + 1, int(x0):int(x1) + 1]
+    fill = box.mean()
+    return "square" if fill > 0.88 else "circle" if fill > 0.64 else "triangle"
+
+
+def position_ok(mask: np.ndarray, position: str) -> bool:
+    """Whether the object's centroid lies in the half of the image its position word names."""
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    cx, cy = xs.mean() / w, ys.mean() / h
+    return {"on the left": cx < 0.5, "on the right": cx > 0.5, "at the top": cy < 0.5, "at the bottom": cy > 0.5}[position]
+
+
+def localisation(run, caption: str, masks: list[np.ndarray | None], steps) -> list[dict]:
+    """Pointing-game hit and IoU for each colour and shape word whose object has a mask."""
+    out, seen = [], {}
+    for word, obj in zip(caption.split(), world.word_objects(caption)):
+        k = seen.get(word, 0)
+        seen[word] = k + 1  # the k-th occurrence of a word is the k-th token of that word
+        if word not in world.COLOURS and word not in world.SHAPES:
+            continue
+        mask = masks[obj]
+        if mask is None or not mask.any():
+            continue
+        heat = run.heatmap(run.token_indices(word)[k], steps=steps, size=mask.shape)  # [H, W]
+        y, x = np.unravel_index(np.argmax(heat), heat.shape)
+        norm = (heat - heat.min()) / max(heat.max() - heat.min(), 1e-12)
+        pred = norm > HEATMAP_THRESHOLD
+        iou = (pred & mask).sum() / (pred | mask).sum()
+        out.append({"kind": "colour" if word in world.COLOURS else "shape", "hit": bool(mask[y, x]), "iou": float(iou)})
+    return out
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else float("nan")
+
+
+@torch.no_grad()
+def vae_psnr(pipe, scenes) -> float:
+    x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, H, W]
+    rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    mse = ((rec - x) / 2).pow(2).mean().item()
+    return 10 * math.log10(1 / mse)
+
+
+def evaluate_generated(pipe, captions, seeds, guidance: float, steps: int, size: int) -> dict:
+    rows, loc = [], []
+    for caption in captions:
+        objects = world.parse_caption(caption)
+        asked = {o.colour for o in objects}
+        for seed in seeds:
+            with sdviz.trace(pipe) as tracer:
+                image = pipe(caption, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                             generator=torch.Generator().manual_seed(seed)).images[0]
+            seg = segment(np.asarray(image))
+            found = colours_present(seg)
+            masks = [seg[o.colour] if o.colour in found else None for o in objects]
+            shapes = [classify_shape(m) == o.shape for o, m in zip(objects, masks) if m is not None]
+            places = [position_ok(m, o.position) for o, m in zip(objects, masks) if m is not None and o.position]
+            rows.append({"caption": caption, "seed": seed, "all_colours": asked <= found, "no_extra": found <= asked,
+                         "shapes": shapes, "positions": places})
+            loc += localisation(tracer.result, caption, masks, steps=None)
+    return {
+        "images": len(rows),
+        "all_colours_present": _mean(r["all_colours"] for r in rows),
+        "no_extra_colour": _mean(r["no_extra"] for r in rows),
+        "shape_correct": _mean(s for r in rows for s in r["shapes"]),
+        "position_correct": _mean(p for r in rows for p in r["positions"]),
+        **_loc_summary(loc),
+        "per_image": rows,
+    }
+
+
+def _loc_summary(loc: list[dict]) -> dict:
+    return {
+        "pointing_colour": _mean(x["hit"] for x in loc if x["kind"] == "colour"),
+        "pointing_shape": _mean(x["hit"] for x in loc if x["kind"] == "shape"),
+        "miou": _mean(x["iou"] for x in loc),
+        "words": len(loc),
+    }
+
+
+@torch.no_grad()
+def evaluate_noised(pipe, scenes, seed: int = 0) -> dict:
+    """Localisation on real held-out scenes: encode, noise to t=NOISED_T, one traced UNet step."""
+    loc = []
+    gen = torch.Generator().manual_seed(seed)
+    for scene in scenes:
+        x = torch.from_numpy(scene.image).permute(2, 0, 1)[None].float() / 127.5 - 1  # [1, 3, H, W]
+        z = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor  # [1, 4, h, w]
+        t = torch.tensor([NOISED_T])
+        zt = pipe.scheduler.add_noise(z, torch.randn(z.shape, generator=gen), t)
+        # A 2-step DDIM run starts at t=501 from our noised latents: step 0 is the UNet call we read.
+        with sdviz.trace(pipe) as tracer:
+            pipe(scene.caption, num_inference_steps=2, guidance_scale=1.0, latents=zt,
+                 height=x.shape[-2], width=x.shape[-1], output_type="latent")
+        assert int(pipe.scheduler.timesteps[0]) == NOISED_T, "scheduler no longer starts at NOISED_T"
+        loc += localisation(tracer.result, scene.caption, list(scene.masks), steps=[0])
+    return _loc_summary(loc)
+
+
+def time_generation(pipe, guidance: float, steps: int, size: int, repeats: int = 3) -> float:
+    """Best-of-`repeats` seconds for one untraced generation (the first call warms up)."""
+    pipe("a red circle", num_inference_steps=steps, guidance_scale=guidance, height=size, width=size)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        pipe("a small blue square on the left and a yellow triangle", num_inference_steps=steps,
+             guidance_scale=guidance, height=size, width=size, generator=torch.Generator().manual_seed(0))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def evaluate(pipe, n_captions: int = 48, seeds=(0, 1), n_scenes: int = 100, guidance: float = 5.0,
+             steps: int = 20, size: int = 64) -> dict:
+    pipe.set_progress_bar_config(disable=True)
+    heldout = world.sample_scenes(n_scenes, seed=4321, heldout=True, size=size)
+    results = {
+        "vae_psnr_db": vae_psnr(pipe, heldout),
+        "generated": evaluate_generated(pipe, world.heldout_captions(n_captions), seeds, guidance, steps, size),
+        "noised": evaluate_noised(pipe, heldout),
+        "seconds_per_image": time_generation(pipe, guidance, steps, size),
+        "settings": {"captions": n_captions, "seeds": list(seeds), "scenes": n_scenes, "guidance": guidance,
+                     "steps": steps, "size": size, "threads": torch.get_num_threads(), "noised_t": NOISED_T,
+                     "heatmap_threshold": HEATMAP_THRESHOLD, "scheduler": type(pipe.scheduler).__name__},
+    }
+    return results
+
+
+def table(r: dict) -> str:
+    g, n = r["generated"], r["noised"]
+    rows = [
+        ("VAE PSNR (dB), held-out scenes", r["vae_psnr_db"], "vae_psnr_db", "{:.1f}"),
+        ("generated: every requested colour present", g["all_colours_present"], "all_colours_present", "{:.1%}"),
+        ("generated: no unrequested colour", g["no_extra_colour"], "no_extra_colour", "{:.1%}"),
+        ("generated: shape right (object found)", g["shape_correct"], None, "{:.1%}"),
+        ("generated: position right (object found)", g["position_correct"], None, "{:.1%}"),
+        ("generated: pointing game, colour words", g["pointing_colour"], "pointing_colour", "{:.1%}"),
+        ("generated: pointing game, shape words", g["pointing_shape"], "pointing_shape", "{:.1%}"),
+        ("generated: mIoU (map > 0.5)", g["miou"], "miou", "{:.2f}"),
+        (f"noised t={NOISED_T}: pointing game, colour words", n["pointing_colour"], "pointing_colour", "{:.1%}"),
+        (f"noised t={NOISED_T}: pointing game, shape words", n["pointing_shape"], "pointing_shape", "{:.1%}"),
+        (f"noised t={NOISED_T}: mIoU (map > 0.5)", n["miou"], "miou", "{:.2f}"),
+        ("seconds per 20-step image with guidance", r["seconds_per_image"], "seconds_per_image", "{:.2f}"),
+    ]
+    lines = ["| metric | value | target | met |", "|---|---|---|---|"]
+    for name, value, key, fmt in rows:
+        if key is None:
+            lines.append(f"| {name} | {fmt.format(value)} | – | – |")
+            continue
+        target = TARGETS[key]
+        met = value <= target if key == "seconds_per_image" else value >= target
+        sign = "≤" if key == "seconds_per_image" else "≥"
+        lines.append(f"| {name} | {fmt.format(value)} | {sign} {fmt.format(target)} | {'yes' if met else 'no'} |")
+    s = r["settings"]
+    lines.append(f"\n{g['images']} generated images ({s['captions']} held-out captions × seeds {s['seeds']}, "
+                 f"{s['steps']} {s['scheduler']} steps, guidance {s['guidance']}, {g['words']} words scored); "
+                 f"{s['scenes']} noised held-out scenes ({n['words']} words); {s['threads']} thread(s).")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m sdviz.toy.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="pipeline folder (default: the shipped toy model)")
+    p.add_argument("--json", type=Path, default=None, help="also write all figures (and per-image rows) here")
+    p.add_argument("--captions", type=int, default=48, help="held-out captions to generate")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per caption")
+    p.add_argument("--scenes", type=int, default=100, help="held-out scenes for the noised-image test")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.model:
+        from diffusers import StableDiffusionPipeline
+        pipe = StableDiffusionPipeline.from_pretrained(args.model)
+    else:
+        pipe = sdviz.load_pipeline("toy")
+    results = evaluate(pipe, args.captions, tuple(range(args.seeds)), args.scenes, args.guidance)
+    print(table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

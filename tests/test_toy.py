@@ -1,0 +1,135 @@
+"""The built-in toy model: the shapes world, the shipped weights, evaluation helpers and training."""
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from diffusers import StableDiffusionPipeline  # noqa: E402
+
+import sdviz  # noqa: E402
+from sdviz.toy import evaluate, train, world  # noqa: E402
+
+MODEL = train.DEFAULT_OUT
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = StableDiffusionPipeline.from_pretrained(MODEL)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+# -- the world --------------------------------------------------------------------------------------
+
+def test_world_masks_are_exactly_the_pixels_of_each_object():
+    for scene in world.sample_scenes(30, seed=5):
+        seg = evaluate.segment(scene.image)
+        owned = np.zeros(scene.image.shape[:2], bool)
+        for obj, mask in zip(scene.objects, scene.masks):
+            assert mask.sum() > 40
+            assert np.array_equal(seg[obj.colour], mask), scene.caption
+            assert not (owned & mask).any(), "objects overlap"
+            owned |= mask
+        assert seg["background"][~owned].all()
+
+
+def test_world_is_deterministic_for_a_seed():
+    a, b = world.sample_scenes(5, seed=3), world.sample_scenes(5, seed=3)
+    assert [s.caption for s in a] == [s.caption for s in b]
+    assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b))
+    assert [s.caption for s in world.sample_scenes(5, seed=4)] != [s.caption for s in a]
+
+
+def test_positions_in_captions_are_where_objects_are_drawn():
+    for scene in world.sample_scenes(60, seed=6):
+        for obj, mask in zip(scene.objects, scene.masks):
+            if obj.position:
+                assert evaluate.position_ok(mask, obj.position), scene.caption
+
+
+def test_caption_parse_round_trips_and_rejects_text_outside_the_grammar():
+    rng = random.Random(0)
+    for _ in range(200):
+        objects = world.sample_objects(rng, heldout=None)
+        assert world.parse_caption(world.caption_of(objects)) == objects
+    assert world.parse_caption("a small blue square on the left and a yellow triangle") == [
+        world.Obj("blue", "square", "small", "on the left"), world.Obj("yellow", "triangle")]
+    for bad in ("a purple circle", "a red", "red circle", "a red circle in the middle"):
+        with pytest.raises(ValueError):
+            world.parse_caption(bad)
+
+
+def test_heldout_captions_never_occur_in_training_scenes():
+    train_captions = {s.caption for s in world.sample_scenes(2000, seed=0)}
+    held = world.heldout_captions(40)
+    assert len(set(held)) == 40 and all(world.is_heldout(world.parse_caption(c)) for c in held)
+    assert not train_captions & set(held)
+    assert not any(world.is_heldout(world.parse_caption(c)) for c in train_captions)
+
+
+def test_every_caption_word_is_one_token_of_the_model_tokenizer(pipe):
+    caption = "a large yellow circle at the top and a small green triangle on the right and a red square"
+    ids = pipe.tokenizer(caption).input_ids
+    assert len(ids) == len(caption.split()) + 2  # <|startoftext|> … <|endoftext|>
+
+
+def test_shape_classifier_recognises_rendered_shapes():
+    scenes = world.sample_scenes(60, seed=7)
+    results = [evaluate.classify_shape(m) == o.shape for s in scenes for o, m in zip(s.objects, s.masks)]
+    assert np.mean(results) == 1.0
+
+
+# -- the shipped model ------------------------------------------------------------------------------
+
+def test_shipped_model_is_a_small_fp16_diffusers_folder_that_loads_offline(pipe):
+    files = list(MODEL.rglob("*.safetensors"))
+    assert {f.parent.name for f in files} == {"unet", "vae", "text_encoder"}
+    assert sum(f.stat().st_size for f in files) < 20e6
+    assert pipe.safety_checker is None and pipe.scheduler.config.beta_schedule == "scaled_linear"
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.float32  # fp16 on disk, runs in fp32
+
+
+def test_load_pipeline_toy_gives_the_shipped_model(pipe):
+    toy = sdviz.load_pipeline("toy")
+    assert torch.equal(toy.unet.conv_in.weight.float().cpu(), pipe.unet.conv_in.weight)
+
+
+@pytest.mark.parametrize("caption", ["a green triangle", "a large yellow circle", "a blue square and a green triangle"])
+def test_generates_the_requested_colours_for_heldout_prompts(pipe, caption):
+    assert world.is_heldout(world.parse_caption(caption))
+    asked = {o.colour for o in world.parse_caption(caption)}
+    image = pipe(caption, num_inference_steps=20, guidance_scale=5.0, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert evaluate.colours_present(evaluate.segment(np.asarray(image))) == asked
+
+
+def test_word_heatmaps_peak_inside_their_objects_on_noised_heldout_scenes(pipe):
+    scores = evaluate.evaluate_noised(pipe, world.sample_scenes(8, seed=99, heldout=True))
+    assert scores["words"] >= 16
+    assert scores["pointing_colour"] >= 0.85 and scores["pointing_shape"] >= 0.85
+
+
+def test_traced_generation_heatmap_of_a_colour_word_peaks_on_that_colour(pipe):
+    caption = "a red square on the left and a blue triangle on the right"
+    with sdviz.trace(pipe) as tracer:
+        image = pipe(caption, num_inference_steps=20, guidance_scale=5.0, height=64, width=64,
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    seg = evaluate.segment(np.asarray(image))
+    for colour in ("red", "blue"):
+        heat = tracer.result.heatmap(colour, size=(64, 64))
+        assert seg[colour][np.unravel_index(heat.argmax(), heat.shape)], colour
+
+
+# -- training ---------------------------------------------------------------------------------------
+
+def test_quick_training_runs_end_to_end_and_saves_a_loadable_pipeline(tmp_path):
+    train.main(["--quick", "--out", str(tmp_path)])
+    p = StableDiffusionPipeline.from_pretrained(tmp_path)
+    image = p("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+    assert (tmp_path / "train_summary.json").exists()
