@@ -1,0 +1,130 @@
+"""Pictures: overlays, previews without the VAE, cached exact decodes, plots; and the latent → RGB fit."""
+
+from types import SimpleNamespace
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from PIL import Image
+
+import sdviz
+from sdviz import render
+from sdviz.preview import fit_latent_rgb, latent_to_rgb
+
+from conftest import SIZE, seeded
+
+
+@pytest.fixture(scope="module")
+def traced_run(sd1_pipe):
+    with sdviz.trace(sd1_pipe) as tracer:
+        image = sd1_pipe("a red circle above a blue square", num_inference_steps=4, height=SIZE, width=SIZE,
+                         generator=seeded()).images[0]
+    return image, tracer.result
+
+
+def test_overlay_blends_the_colour_mapped_heatmap_at_the_given_opacity(traced_run):
+    image, run = traced_run
+    heat = run.heatmap("circle", size="image")
+    assert np.array_equal(np.asarray(render.overlay(image, heat, alpha=0.0)), np.asarray(image))
+    full = np.asarray(render.overlay(image, heat, cmap="viridis", alpha=1.0))
+    assert np.array_equal(full, render.colorize(heat, "viridis"))
+    norm = (heat - heat.min()) / (heat.max() - heat.min())
+    expected = (matplotlib.colormaps["viridis"](norm)[..., :3] * 255).round().astype(np.uint8)
+    assert np.array_equal(full, expected)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        render.overlay(image, heat, alpha=1.5)
+
+
+def test_preview_is_the_linear_map_of_the_latent(traced_run):
+    _, run = traced_run
+    factors = torch.tensor(run.info["latent_rgb"])
+    z = run.x0[2]
+    manual = ((z.permute(1, 2, 0) @ factors[:4] + factors[4] + 1) * 127.5).clamp(0, 255).round().byte()
+    assert np.array_equal(run.preview(2), manual.numpy())
+    big = render.preview(run, 2)
+    assert big.size == (SIZE, SIZE)
+
+
+def test_the_colour_fit_recovers_a_linear_vae():
+    """A fake VAE whose latent is a known linear function of the pooled colour: the fit inverts it."""
+    mix = torch.tensor([[0.5, -1.0, 0.2], [0.3, 0.8, -0.4], [-0.7, 0.1, 0.9], [0.2, 0.2, 0.2]])  # [C=4, 3]
+
+    def encode(x):                                              # x [N, 3, s, s] in [-1, 1]
+        pooled = F.avg_pool2d(x, 8)                             # [N, 3, s/8, s/8]
+        z = torch.einsum("cr,nrhw->nchw", mix, pooled) + 0.1
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=z / 0.5))
+
+    vae = SimpleNamespace(encode=encode, parameters=lambda: iter([torch.zeros(1)]),
+                          config=SimpleNamespace(scaling_factor=0.5))
+    factors = fit_latent_rgb(vae)
+    rgb = torch.rand(5, 5, 3) * 2 - 1
+    latent = torch.einsum("cr,hwr->chw", mix, rgb) + 0.1
+    got = latent_to_rgb(latent, factors).numpy().astype(int)
+    assert np.abs(got - ((rgb + 1) * 127.5).round().numpy()).max() <= 1
+
+
+def test_exact_decode_runs_the_vae_once_per_step(traced_run, sd1_pipe):
+    _, run = traced_run
+    calls = []
+    handle = sd1_pipe.vae.decoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        first = run.decode(1, sd1_pipe.vae)
+        again = run.decode(1, sd1_pipe.vae)
+        final = run.decode(0, sd1_pipe.vae, which="final")
+    finally:
+        handle.remove()
+    assert len(calls) == 2 and first is again
+    assert first.shape == (SIZE, SIZE, 3) and first.dtype == np.uint8
+    with torch.no_grad():
+        z = run.final_latent[None] / sd1_pipe.vae.config.scaling_factor
+        direct = sd1_pipe.vae.decode(z).sample[0]
+    expected = ((direct.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).round().byte().numpy()
+    assert np.array_equal(final, expected)
+
+
+def test_the_final_decode_is_the_pipelines_image(sd1_pipe):
+    with sdviz.trace(sd1_pipe) as tracer:
+        image = sd1_pipe("a cat", num_inference_steps=3, height=SIZE, width=SIZE, generator=seeded(),
+                         output_type="np").images[0]
+    decoded = tracer.result.decode(0, sd1_pipe.vae, which="final")
+    assert np.abs(decoded.astype(int) - (image * 255).round().astype(int)).max() <= 1
+
+
+def test_latent_pictures_put_channels_where_they_say(traced_run):
+    z = torch.zeros(4, 8, 8)
+    z[0] = torch.linspace(-3, 3, 8)[None, :]                    # channel 0 grows left → right
+    rgb = np.asarray(render.latent_rgb(z))
+    assert rgb.shape == (8, 8, 3)
+    assert rgb[0, 0, 0] == 0 and rgb[0, -1, 0] == 255           # red follows channel 0
+    strip = np.asarray(render.latent_channels(z, size=16))
+    assert strip.shape == (16, 4 * 16 + 3 * 2, 3)
+    assert strip[0, 15, 0] > strip[0, 0, 0]                     # first tile is channel 0's gradient
+    assert render.latent_rgb(z, size=64).size == (64, 64)
+
+
+def test_schedule_plot_marks_the_current_step(traced_run):
+    _, run = traced_run
+    fig = render.schedule_plot(run, step=2)
+    assert isinstance(fig, Figure) and len(fig.axes) == 3
+    for ax in fig.axes:
+        marks = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+        assert len(marks) == 1 and marks[0].get_xdata()[0] == 3
+    assert np.allclose(fig.axes[0].get_lines()[0].get_ydata(), run.timesteps.numpy())
+    assert isinstance(render.to_image(fig), Image.Image)
+
+
+def test_word_shares_and_attention_over_time(traced_run):
+    image, run = traced_run
+    shares = run.word_shares()
+    assert shares.shape == (run.num_steps, len(run.words))
+    assert np.allclose(shares.sum(1), 1.0, atol=1e-5)
+    fig = render.attention_over_time(run)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == [w.text for w in run.words]
+    grid = render.word_grid(run, image)
+    assert [ax.get_title() for ax in grid.axes] == [w.text for w in run.words]
+    strip = render.step_strip(run, count=3)
+    assert len(strip.axes) == 3
