@@ -34,7 +34,9 @@ def _time(pipe, traced: bool, size: int, steps: int, prompt: str) -> tuple[float
 
 def measure(family: str, full: bool, size: int, steps: int, repeats: int, prompt: str,
             memory_size: int, memory_steps: int, dtype: torch.dtype) -> dict:
-    pipe = build_random_pipeline(family, full=full).to(dtype=dtype)
+    pipe = build_random_pipeline(family, full=full)
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     _time(pipe, False, size, steps, prompt)          # warm-up: allocator, kernels
     _time(pipe, True, size, steps, prompt)

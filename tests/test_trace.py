@@ -84,6 +84,18 @@ def test_recorded_probabilities_equal_an_explicit_softmax(sd1_pipe):
         assert (recorded - full).abs().max() <= 1e-5
 
 
+def test_only_cross_attention_is_wrapped_and_self_attention_keeps_its_kernel(sd1_pipe):
+    before = sd1_pipe.unet.attn_processors
+    with sdviz.trace(sd1_pipe):
+        during = sd1_pipe.unet.attn_processors
+    for key, proc in during.items():
+        if ".attn1." in key:
+            assert proc is before[key] and type(proc).__name__ == "AttnProcessor2_0"
+        else:
+            assert isinstance(proc, CrossAttentionRecorder) and proc.original is before[key]
+    assert sum(".attn2." in k for k in during) == 16
+
+
 def test_default_float16_maps_are_the_float32_maps_rounded(sd1_pipe):
     _, exact = traced(sd1_pipe, trace_kw=dict(dtype=torch.float32))
     _, half = traced(sd1_pipe)
