@@ -187,7 +187,7 @@ def compare_figure(variants: Sequence[Variant], word: str | Sequence[str | None]
 
     word: one word for every variant, one per variant (a prompt pair's changed words), or None to use
     each variant's own `word` (no heatmap row if none has one). The heatmaps share one colour scale
-    (the largest value over all of them), so stronger attention reads as warmer in every column.
+    (lowest to highest value over all of them), so stronger attention reads as warmer in every column.
     step: on the longest run's scale (see `aligned_steps`); None → the last step.
     vae: decode the step exactly (slower); None → fast linear preview. filters: as for `run.heatmap`.
     """
@@ -199,7 +199,9 @@ def compare_figure(variants: Sequence[Variant], word: str | Sequence[str | None]
     words = [w if w is not None else v.word for w, v in zip(words, variants)]
     steps = aligned_steps(variants, step)
     maps = [None if w is None else v.run.heatmap(w, size="image", **filters) for w, v in zip(words, variants)]
-    scale = max((m.max() for m in maps if m is not None), default=0.0) or 1.0
+    shown = [m for m in maps if m is not None]
+    lo = min((float(m.min()) for m in shown), default=0.0)
+    span = max((float(m.max()) for m in shown), default=1.0) - lo or 1.0
 
     rows = 3 if any(m is not None for m in maps) else 2
     cols = len(variants)
@@ -218,8 +220,8 @@ def compare_figure(variants: Sequence[Variant], word: str | Sequence[str | None]
             if m is None:
                 heat.text(0.5, 0.5, "no changed word", ha="center", va="center", fontsize=8, color="grey")
             else:
-                heat.imshow(render.overlay(v.image, np.clip(m / scale, 0, 1), normalize=False))
-                heat.set_xlabel(f"“{w}”  max {m.max():.2f}", fontsize=8)
+                heat.imshow(render.overlay(v.image, np.clip((m - lo) / span, 0, 1), normalize=False))
+                heat.set_xlabel(f"“{w}”  peak {m.max():.3g}", fontsize=8)
         for ax in panels:
             _off(ax)
         if c == 0:
