@@ -75,15 +75,8 @@ def _whole(value, name: str) -> int:
     return int(number)
 
 
-def iter_variants(pipe, base: Settings, vary: str, values: Sequence, on_step: Callable | None = None,
-                  negative: bool = True):
-    """Yield each `Variant` as soon as it is done (for an app that shows them one by one).
-
-    on_step(variant_index, step_index, total_steps, latents) runs after every denoising step of every
-    variant; raise `sdviz.Cancelled` from it to stop. The variants finished before the stop are on the
-    exception as `err.variants`.
-    """
-    plan = variant_settings(base, vary, values)
+def _run_plan(pipe, plan: list[tuple[str, Settings]], on_step: Callable | None, negative: bool):
+    """Generate each (label, settings) in turn, yielding Variants; a `Cancelled` carries the finished ones."""
     done: list[Variant] = []
     for i, (label, settings) in enumerate(plan):
         step = None if on_step is None else (lambda s, n, z, i=i: on_step(i, s, n, z))
@@ -94,6 +87,18 @@ def iter_variants(pipe, base: Settings, vary: str, values: Sequence, on_step: Ca
             raise
         done.append(Variant(label, settings, image, run))
         yield done[-1]
+
+
+def iter_variants(pipe, base: Settings, vary: str, values: Sequence, on_step: Callable | None = None,
+                  negative: bool = True):
+    """An iterator of Variants, each as soon as it is done (for an app that shows them one by one).
+
+    on_step(variant_index, step_index, total_steps, latents) runs after every denoising step of every
+    variant (latents: [B, C, h, w]); raise `sdviz.Cancelled` from it to stop. The variants finished
+    before the stop are on the exception as `err.variants`.
+    """
+    plan = variant_settings(base, vary, values)  # checked now, before the first variant is asked for
+    return _run_plan(pipe, plan, on_step, negative)
 
 
 def run_variants(pipe, base: Settings, vary: str, values: Sequence, on_step: Callable | None = None,
@@ -136,16 +141,10 @@ def run_prompt_pair(pipe, base: Settings, prompt_a: str, prompt_b: str, on_step:
     if changed_words(prompt_a, prompt_b) == ([], []):
         raise ValueError(f"the two prompts have the same words ({prompt_a!r}); change a word in one of them, "
                          f"e.g. 'a red circle' and 'a blue circle'")
-    variants: list[Variant] = []
-    for i, prompt in enumerate((prompt_a, prompt_b)):
-        settings = dataclasses.replace(base, prompt=prompt)
-        step = None if on_step is None else (lambda s, n, z, i=i: on_step(i, s, n, z))
-        try:
-            image, run = generate(pipe, settings, on_step=step, negative=negative)
-        except Cancelled as err:
-            err.variants = variants
-            raise
-        variants.append(Variant(prompt, settings, image, run))
+    plan = [(prompt, dataclasses.replace(base, prompt=prompt)) for prompt in (prompt_a, prompt_b)]
+    for _, settings in plan:
+        settings.check()
+    variants = list(_run_plan(pipe, plan, on_step, negative))
     # The runs' own words (as the tokenizer split them) name the changed words exactly.
     only_a, only_b = changed_words(*[[w.text for w in v.run.words] for v in variants])
     variants[0].word = only_a[0] if only_a else None

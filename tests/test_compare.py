@@ -65,6 +65,8 @@ def test_bad_comparisons_are_refused_before_anything_runs(vary, values, message)
     never_called = object()  # not a pipeline: running anything would fail differently
     with pytest.raises(ValueError, match=message):
         compare.run_variants(never_called, base(), vary, values)
+    with pytest.raises(ValueError, match=message):
+        compare.iter_variants(never_called, base(), vary, values)      # at once, before the first variant
 
 
 def test_cancelling_stops_the_variants_keeps_the_finished_ones_and_restores_the_pipeline(sd1_pipe):
