@@ -113,7 +113,7 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                                                        "cut": "#ff8787"}, show_inline_category=False,
                                             elem_id="sdviz-tokens")
                 with gr.Row():
-                    files_btn = gr.Button("Prepare downloads: image, heatmap, trace", size="sm")
+                    files_btn = gr.Button("Prepare downloads: image, heatmap, trace, report", size="sm")
                     files = gr.File(label="Downloads", file_count="multiple", interactive=False)
 
         # -- exploration tabs -----------------------------------------------------------------------
@@ -218,16 +218,16 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                             yield {progress: html} if event.preview is None else {progress: html,
                                                                                    preview: event.preview}
                             continue
-                        yield finished(model_name, settings.seed, event)
+                        yield finished(model_name, settings, event)
             except (ModelUnavailableError, FileNotFoundError, TypeError) as err:
                 raise gr.Error(f"Can't use model {model_name!r}: {err}") from err
             except Exception as err:
                 raise gr.Error(f"The generation failed inside the pipeline ({type(err).__name__}: {err}). "
                                f"Nothing was lost; press Generate to try again.") from err
 
-        def finished(model_name, seed_value, done: Done):
-            state = views.Session(done.run, np.asarray(done.image.convert("RGB")), model_name, seed_value,
-                                  done.text_dim, done.elapsed)
+        def finished(model_name, settings, done: Done):
+            state = views.Session(done.run, np.asarray(done.image.convert("RGB")), model_name, settings.seed,
+                                  done.text_dim, done.elapsed, settings, models.label(model_name))
             first = views.strongest_word(done.run)
             heat_image = None if first is None else views.heatmap(state, first, False, views.Filters(), 0.5, "jet")
             if done.run.truncated:
@@ -237,9 +237,9 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                                               f"Done: {done.run.num_steps} steps in {done.elapsed:.1f} s"),
                 preview: Image.fromarray(done.run.preview(done.run.num_steps - 1)) if done.run.num_steps
                 else None,
-                final: done.image, seed_used: str(seed_value), tokens: views.token_chips(done.run),
+                final: done.image, seed_used: str(settings.seed), tokens: views.token_chips(done.run),
                 word: gr.Radio(choices=views.words_of(done.run), value=first), heat: heat_image,
-                notes: views.run_notes(state, models.label(model_name)), session: state,
+                notes: views.run_notes(state), session: state,
             }
 
         @friendly

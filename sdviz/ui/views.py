@@ -6,6 +6,7 @@ KeyError with the library's teaching messages; the Gradio layer turns those into
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .. import render
+from .. import render, report
+from ..generate import Settings
 from ..result import TraceResult
 
 ASK_RADIUS = 0.08     # half-width of the box around a click, as a fraction of the image
@@ -28,6 +30,8 @@ class Session:
     seed: int
     text_dim: int | None       # width of the text encoder's token vectors (768 for SD 1.x)
     elapsed: float
+    settings: Settings
+    label: str                 # the model as the page names it
 
 
 @dataclass
@@ -96,10 +100,10 @@ def token_chips(run: TraceResult) -> list[tuple[str, str]]:
     return chips
 
 
-def run_notes(session: Session, label: str) -> str:
+def run_notes(session: Session) -> str:
     run = session.run
     h, w = run.image_size
-    lines = [f"**Seed {session.seed}** · {label} · {run.info['scheduler']} · {run.num_steps} steps recorded · "
+    lines = [f"**Seed {session.seed}** · {session.label} · {run.info['scheduler']} · {run.num_steps} steps recorded · "
              f"guidance {run.info['guidance_scale']:g} · {w}×{h} px · {session.elapsed:.1f} s"]
     if not run.words:
         lines.append("Empty prompt: this image was generated unconditionally, so there are no words to map.")
@@ -202,7 +206,7 @@ def shapes(session: Session | None) -> str:
 
 
 def downloads(session: Session, heat: Image.Image | None) -> list[str]:
-    """Files for the user to take away: final image, current heatmap, the trace (and the report when available)."""
+    """Files for the user to take away: final image, current heatmap, the trace and the HTML report."""
     folder = Path(tempfile.mkdtemp(prefix="sdviz-"))
     files = [folder / "image.png"]
     Image.fromarray(session.image).save(files[0])
@@ -210,4 +214,6 @@ def downloads(session: Session, heat: Image.Image | None) -> list[str]:
         files.append(folder / "heatmap.png")
         heat.save(files[-1])
     files.append(session.run.save(folder / "trace.safetensors"))
+    settings = dict(dataclasses.asdict(session.settings), model=session.label)
+    files.append(report.write_report(folder / "report.html", session.run, Image.fromarray(session.image), settings))
     return [str(f) for f in files]

@@ -1,0 +1,326 @@
+"""The web app through gradio_client: an in-process server (fixture `app_server`) on the offline model, 64×64."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from sdviz import TraceResult
+from sdviz.attention import CrossAttentionRecorder
+from sdviz.preview import latent_rgb_factors
+from sdviz.ui.streaming import live_preview
+
+STEPS = 6
+FILTERS = [["down", "mid", "up"], [], [], -1]          # blocks, resolutions, layers, head
+
+
+def form(server, prompt, **change):
+    """The /generate inputs, in order, with the test defaults."""
+    values = dict(model=server.name, prompt=prompt, negative="", scheduler="DDIM", steps=STEPS, guidance=7.5,
+                  seed="7", randomize=False, width=64, height=64, per_head=False)
+    values.update(change)
+    return list(values.values())
+
+
+def generate(client, server, prompt, **change):
+    """→ dict of the /generate outputs by name."""
+    out = client.predict(*form(server, prompt, **change), api_name="/generate")
+    names = ["preview", "progress", "image", "seed", "tokens", "words", "heatmap", "notes"]
+    return dict(zip(names, out))
+
+
+def heatmap(client, word, *, negative=False, alpha=0.5, cmap="jet", steps=(1, STEPS), filters=FILTERS):
+    return client.predict(word, negative, alpha, cmap, *steps, *filters, api_name="/heatmap")
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def word_choices(update) -> list[str]:
+    return [value for _, value in update["choices"]]
+
+
+@pytest.fixture
+def client(app_server):
+    c = Client(app_server.url, verbose=False)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def reference(app_server):
+    """A fresh start's image for the standard request (nothing has been cancelled or failed yet)."""
+    c = Client(app_server.url, verbose=False)
+    try:
+        return pixels(generate(c, app_server, "a red circle on the left")["image"])
+    finally:
+        c.close()
+
+
+def assert_pipeline_restored(pipe):
+    assert not any(isinstance(p, CrossAttentionRecorder) for p in pipe.unet.attn_processors.values())
+    assert "step" not in vars(pipe.scheduler)
+
+
+# -- generation ---------------------------------------------------------------------------------------
+def test_generate_returns_final_image_tokens_words_and_heatmap(client, app_server, reference):
+    out = generate(client, app_server, "a red circle on the left")
+    assert pixels(out["image"]).shape == (64, 64, 3)
+    assert np.array_equal(pixels(out["image"]), reference)               # same seed, same image
+    assert out["seed"] == "7" and "Seed 7" in out["notes"]
+    words = word_choices(out["words"])
+    assert words == ["a", "red", "circle", "on", "the", "left"]
+    assert out["words"]["value"] in words
+    chips = [t["token"] for t in out["tokens"] if t["class_or_confidence"]]
+    assert chips[0] == "<|startoftext|>" and chips[-1] == "<|endoftext|>" and "circle" in chips
+    assert pixels(out["heatmap"]).shape == (64, 64, 3)
+    assert f"{STEPS} steps" in out["notes"]
+
+
+def test_generation_streams_progress_and_live_previews(client, app_server):
+    job = client.submit(*form(app_server, "a blue square", steps=12), api_name="/generate")
+    job.result()
+    updates = job.outputs()
+    progress = [u[1] for u in updates if u[1]]
+    assert any("Step 1 / 12" in p or "Step 2 / 12" in p for p in progress), progress
+    assert "Done: 12 steps" in progress[-1]
+    previews = {u[0] for u in updates if isinstance(u[0], str)}           # {"__type__": "update"} = unchanged
+    assert len(previews) >= 2                                             # at least one live preview and the last
+
+
+def test_random_seed_is_shown_and_reproduces_the_image(client, app_server):
+    first = generate(client, app_server, "a green triangle", randomize=True, seed="")
+    seed = int(first["seed"])
+    assert f"Seed {seed}" in first["notes"]
+    again = generate(client, app_server, "a green triangle", seed=str(seed))
+    assert np.array_equal(pixels(first["image"]), pixels(again["image"]))
+    minus_one = generate(client, app_server, "a green triangle", seed="-1")
+    assert int(minus_one["seed"]) >= 0
+
+
+# -- re-rendering from the stored trace ---------------------------------------------------------------
+def test_word_and_filter_changes_rerender_without_running_the_model(client, app_server):
+    generate(client, app_server, "a red circle and a blue square")
+    calls = len(app_server.unet_calls)
+    red, square = pixels(heatmap(client, "red")), pixels(heatmap(client, "square"))
+    assert not np.array_equal(red, square)
+    early = pixels(heatmap(client, "red", steps=(1, 2)))
+    up_only = pixels(heatmap(client, "red", filters=[["up"], [], [], -1]))
+    assert not np.array_equal(red, early) and not np.array_equal(red, up_only)
+    faint = pixels(heatmap(client, "red", alpha=0.1, cmap="gray"))
+    assert not np.array_equal(red, faint)
+    grid, over_time = client.predict(False, 0.5, "jet", 1, STEPS, *FILTERS, api_name="/word_grid")
+    assert pixels(grid).shape[1] > 64 and pixels(over_time).size > 0
+    panels = client.predict(3, True, "red", False, 0.5, "jet", 1, STEPS, *FILTERS, api_name="/step")
+    assert "Step 3 of" in panels[0]
+    assert all(panels[i] for i in (1, 2, 4, 5, 6))                        # x_t, x0, z rgb, channels, schedule
+    assert panels[7]["visible"] is True and panels[7]["value"]            # heatmap follows the step
+    assert len(app_server.unet_calls) == calls                            # the model never ran again
+
+
+def test_exact_decode_is_cached_in_the_trace_and_shown_on_the_step(client, app_server):
+    generate(client, app_server, "a yellow square")
+    decoded = client.predict(2, api_name="/decode")
+    assert pixels(decoded).shape == (64, 64, 3)
+    panels = client.predict(2, False, "yellow", False, 0.5, "jet", 1, STEPS, *FILTERS, api_name="/step")
+    assert panels[3] is not None                                          # the cached decode comes back
+    assert client.predict(3, False, "yellow", False, 0.5, "jet", 1, STEPS, *FILTERS, api_name="/step")[3] is None
+
+
+def test_downloads_give_image_heatmap_trace_and_report(client, app_server):
+    generate(client, app_server, "a red circle on the left")
+    files = client.predict("circle", False, 0.5, "jet", 1, STEPS, *FILTERS, api_name="/downloads")
+    names = {f.rsplit("/", 1)[-1]: f for f in files}
+    assert set(names) == {"image.png", "heatmap.png", "trace.safetensors", "report.html"}
+    run = TraceResult.load(names["trace.safetensors"])
+    assert [w.text for w in run.words] == ["a", "red", "circle", "on", "the", "left"]
+    assert "circle" in open(names["report.html"], encoding="utf-8").read()
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change, message", [
+    (dict(steps=0), "minimum"),
+    (dict(steps=2.5), "whole number"),
+    (dict(guidance=-1), "minimum"),
+    (dict(guidance=1000), "maximum"),
+    (dict(width=100), "multiple of 8"),
+    (dict(height=4096), "maximum"),
+    (dict(seed=""), "seed is empty"),
+    (dict(seed="abc"), "whole number"),
+    (dict(seed="-5"), "between 0"),
+    (dict(model="my-secret-model"), "unknown model 'my-secret-model'"),
+    (dict(model="stabilityai/some-hub-id"), "unknown model"),
+    (dict(scheduler="Heun"), "unknown scheduler 'Heun'"),
+])
+def test_bad_generation_input_gets_a_message_and_runs_nothing(client, app_server, change, message):
+    calls = len(app_server.unet_calls)
+    with pytest.raises(AppError, match=message):
+        generate(client, app_server, "a red circle", **change)
+    assert len(app_server.unet_calls) == calls
+
+
+def test_steps_above_the_model_cap_are_refused(client, app_server):
+    cap = app_server.models.preset(app_server.name).max_steps
+    with pytest.raises(AppError, match=f"1 to {cap}|maximum"):
+        generate(client, app_server, "a red circle", steps=cap + 1)
+
+
+def test_empty_prompt_runs_unconditionally_and_says_so(client, app_server):
+    out = generate(client, app_server, "")
+    assert "unconditionally" in out["notes"]
+    assert word_choices(out["words"]) == [] and out["heatmap"] is None
+    assert pixels(out["image"]).shape == (64, 64, 3)
+    with pytest.raises(AppError, match="no words"):
+        heatmap(client, None)
+
+
+def test_prompt_over_77_tokens_shows_what_was_cut(client, app_server):
+    prompt = " ".join(["a red circle"] * 30) + " zebra at the end"
+    out = generate(client, app_server, prompt)
+    assert "cut" in out["notes"] and "zebra" in out["notes"]
+    cut = [t["token"] for t in out["tokens"] if t["class_or_confidence"] == "cut"]
+    assert cut and "zebra" in cut[0]
+
+
+def test_emoji_and_non_latin_prompts_work(client, app_server):
+    out = generate(client, app_server, "a 🐱 on the left and 東京 タワー")
+    words = word_choices(out["words"])
+    assert "🐱" in words and "東京" in words
+    assert pixels(heatmap(client, "🐱")).shape == (64, 64, 3)
+
+
+def test_word_not_in_the_prompt_is_refused_with_the_prompt_words(client, app_server):
+    generate(client, app_server, "a red circle")
+    with pytest.raises(AppError, match="zebra.*red"):
+        heatmap(client, "zebra")
+
+
+def test_step_outside_the_run_is_refused(client, app_server):
+    generate(client, app_server, "a red circle")
+    with pytest.raises(AppError, match=f"steps 1–{STEPS}"):
+        client.predict(STEPS + 1, False, "red", False, 0.5, "jet", 1, STEPS, *FILTERS, api_name="/step")
+    with pytest.raises(AppError, match="forwards"):
+        heatmap(client, "red", steps=(4, 2))
+    with pytest.raises(AppError, match="no cross-attention layer matches"):
+        heatmap(client, "red", filters=[[], [], [], -1])
+    with pytest.raises(AppError, match="per_head|head"):
+        heatmap(client, "red", filters=[["down", "mid", "up"], [], [], 0])
+
+
+@pytest.mark.parametrize("call", [
+    lambda c: heatmap(c, None),
+    lambda c: c.predict(1, False, None, False, 0.5, "jet", 1, STEPS, *FILTERS, api_name="/step"),
+    lambda c: c.predict(1, api_name="/decode"),
+    lambda c: c.predict(None, False, 0.5, "jet", 1, STEPS, *FILTERS, api_name="/downloads"),
+    lambda c: c.predict(False, 0.5, "jet", 1, STEPS, *FILTERS, api_name="/word_grid"),
+], ids=["heatmap", "step", "decode", "downloads", "word_grid"])
+def test_panel_used_before_any_run_says_generate_first(client, call):
+    with pytest.raises(AppError, match="Generate an image first"):
+        call(client)
+
+
+def test_unavailable_model_shows_the_loading_message_and_the_app_keeps_serving(client, app_server, reference):
+    start = time.perf_counter()
+    with pytest.raises(AppError, match="Can't use model 'sd15'.*(cache|Hub)"):
+        generate(client, app_server, "a red circle", model="sd15")
+    assert time.perf_counter() - start < 30                             # no network timeout
+    out = generate(client, app_server, "a red circle on the left")
+    assert np.array_equal(pixels(out["image"]), reference)
+
+
+# -- faults ---------------------------------------------------------------------------------------------
+def test_cancelled_run_leaves_the_next_run_identical_to_a_fresh_start(client, app_server, reference):
+    calls, steps = len(app_server.unet_calls), app_server.models.preset(app_server.name).max_steps
+    job = client.submit(*form(app_server, "a red circle on the left", steps=steps), api_name="/generate")
+    deadline = time.monotonic() + 60
+    while len(app_server.unet_calls) < calls + 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.cancel()
+    time.sleep(1.0)
+    stopped_at = len(app_server.unet_calls)
+    assert calls + 6 <= stopped_at < calls + steps                      # it ran, and stopped before the end
+    time.sleep(1.0)
+    assert len(app_server.unet_calls) == stopped_at                     # and the worker has stopped
+    assert_pipeline_restored(app_server.pipe)
+    out = generate(client, app_server, "a red circle on the left")
+    assert np.array_equal(pixels(out["image"]), reference)
+
+
+def test_exception_inside_the_pipeline_is_reported_and_the_next_run_matches_a_fresh_start(
+        client, app_server, reference):
+    seen = []
+
+    def fail_once(module, args):
+        seen.append(1)
+        if len(seen) == 3:
+            raise RuntimeError("injected fault in the U-Net")
+
+    handle = app_server.pipe.unet.register_forward_pre_hook(fail_once)
+    try:
+        with pytest.raises(AppError, match="failed inside the pipeline.*injected fault"):
+            generate(client, app_server, "a red circle on the left")
+    finally:
+        handle.remove()
+    assert_pipeline_restored(app_server.pipe)
+    out = generate(client, app_server, "a red circle on the left")
+    assert np.array_equal(pixels(out["image"]), reference)
+
+
+# -- users ----------------------------------------------------------------------------------------------
+def test_two_clients_at_once_each_get_only_their_own_words_and_maps(app_server):
+    prompts = {"one": "a red circle on the left", "two": "a yellow triangle at the top"}
+    results, errors = {}, []
+
+    def user(key):
+        try:
+            c = Client(app_server.url, verbose=False)
+            try:
+                out = generate(c, app_server, prompts[key])
+                own = prompts[key].split()[2]
+                other = prompts["two" if key == "one" else "one"].split()[2]
+                results[key] = (word_choices(out["words"]), pixels(heatmap(c, own)))
+                try:
+                    heatmap(c, other)
+                    errors.append(f"{key} could map the other user's word {other!r}")
+                except AppError:
+                    pass
+            finally:
+                c.close()
+        except Exception as err:  # reported below, with the thread's name
+            errors.append(f"{key}: {err!r}")
+
+    threads = [threading.Thread(target=user, args=(k,)) for k in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not errors, errors
+    assert results["one"][0] == ["a", "red", "circle", "on", "the", "left"]
+    assert results["two"][0] == ["a", "yellow", "triangle", "at", "the", "top"]
+
+
+def test_live_preview_costs_under_5_percent_of_a_step(app_server):
+    """The preview of one step (render + image encode) against the measured time of one U-Net step."""
+    import sdviz
+
+    pipe = app_server.pipe
+    start, calls = time.perf_counter(), len(app_server.unet_calls)
+    with app_server.models.using(app_server.name):
+        _, run = sdviz.generate(pipe, sdviz.Settings("a red circle", steps=4, width=64, height=64, seed=0,
+                                                     scheduler="DDIM"))
+    step_s = (time.perf_counter() - start) / max(len(app_server.unet_calls) - calls, 1)
+    factors = latent_rgb_factors(pipe)
+    latent = run.latents[-1]
+    start = time.perf_counter()
+    for _ in range(20):
+        live_preview(latent, factors).save(io.BytesIO(), "webp")
+    preview_s = (time.perf_counter() - start) / 20
+    assert preview_s < 0.05 * step_s, (preview_s, step_s)
