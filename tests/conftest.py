@@ -43,3 +43,41 @@ def sdxl_pipe():
 
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
+
+
+# -- the web app (tests/test_app_api.py, tests/test_app_browser.py) -------------------------------
+class AppServer:
+    """An in-process sdviz app on a free port, its injected pipeline and a count of U-Net calls."""
+
+    def __init__(self, url, name, pipe, models, unet_calls):
+        self.url, self.name, self.pipe, self.models, self.unet_calls = url, name, pipe, models, unet_calls
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_server():
+    """The app serving the offline default (the toy model when installed, else tiny random SD1) at 64×64."""
+    import sdviz
+    from sdviz.ui import EXAMPLES, Models, build_app, default_choices, example_prompts, launch, offline_default
+
+    name = offline_default()
+    pipe = sdviz.load_pipeline("toy") if name == "toy" else make_pipe("sd1")
+    pipe.set_progress_bar_config(disable=True)
+    unet_calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: unet_calls.append(1))
+    models = Models(default_choices(), loaded={name: pipe})
+    demo = build_app(models, examples=example_prompts(EXAMPLES))
+    port = free_port()
+    launch(demo, prevent_thread_lock=True, server_port=port, quiet=True)
+    try:
+        yield AppServer(f"http://127.0.0.1:{port}/", name, pipe, models, unet_calls)
+    finally:
+        demo.close()
+        handle.remove()
