@@ -67,12 +67,12 @@ def _scheduler(text: str) -> str:
 
 def _add_settings(parser: argparse.ArgumentParser, default=None):
     """The per-prompt settings, shared by the command line and the settings at the end of a prompts-file line."""
-    parser.add_argument("--steps", type=int, default=default,
+    parser.add_argument("--steps", type=int, default=default, metavar="N",
                         help="denoising steps (default: the model preset's, else 20)")
-    parser.add_argument("--guidance", type=float, default=default,
+    parser.add_argument("--guidance", type=float, default=default, metavar="SCALE",
                         help="classifier-free guidance scale; 0-1 turns guidance off (default: the preset's, else 7.5)")
-    parser.add_argument("--seed", type=int, default=default, help="random seed of the starting noise (default 0)")
-    parser.add_argument("--scheduler", type=_scheduler, default=default,
+    parser.add_argument("--seed", type=int, default=default, metavar="N", help="random seed of the starting noise (default 0)")
+    parser.add_argument("--scheduler", type=_scheduler, default=default, metavar="NAME",
                         help="DDIM, DDPM, Euler, 'Euler a', 'DPM++ 2M', PNDM, LMS or UniPC; case and spaces don't "
                              "matter (default: the preset's, else the model's own)")
     parser.add_argument("--size", type=_size, default=default, metavar="N|WxH",
@@ -84,9 +84,9 @@ def _add_settings(parser: argparse.ArgumentParser, default=None):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sdviz",
-        description="Trace Stable Diffusion generations and write a handout per prompt: per-word attention "
-                    "heatmaps, the step-by-step x0 previews, the latent, the noise schedule and a "
-                    "self-contained report.html.",
+        description="Trace Stable Diffusion generations and write a handout per prompt: per-word attention\n"
+                    "heatmaps, the step-by-step x0 previews, the latent, the noise schedule and a self-contained\n"
+                    "report.html that explains them.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", help="the prompt (or give --prompts FILE for a batch)")
     parser.add_argument("--prompts", type=Path, metavar="FILE",
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--words", action="append", metavar="W1,W2",
                         help="draw only these words' heatmaps (comma-separated, or repeat the option); in a batch, "
                              "each prompt draws those it contains (default: every word)")
-    parser.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--device", metavar="NAME", help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                         help="weights' precision (default: float16 on GPUs; float32 on CPU, or bfloat16 for large "
                              "models on CPUs with AMX)")
@@ -130,11 +130,16 @@ def split_line(line: str) -> tuple[str, dict]:
     return prompt, vars(parser.parse_args(shlex.split(parts[1])))
 
 
+def line_prompt(line: str) -> str:
+    """The prompt part of a prompts-file line (what comes before its own settings)."""
+    return _OWN_SETTINGS.split(" " + line.strip(), maxsplit=1)[0].strip()
+
+
 @dataclasses.dataclass
 class Job:
     number: int          # 1-based position among the prompts
-    line: int | None     # line number in the prompts file
-    text: str            # the line as written (prompt and its own settings)
+    line: int | None     # line number in the prompts file; None for the prompt given on the command line
+    text: str            # the prompt, or the file's line as written (prompt and its own settings)
     out: Path
 
 
@@ -151,8 +156,7 @@ def read_jobs(args) -> list[Job]:
     from .report import slug
 
     width = max(2, len(str(len(kept))))
-    return [Job(n, i, text, args.out / f"{n:0{width}d}-{slug(_OWN_SETTINGS.split(' ' + text, maxsplit=1)[0])}")
-            for n, (i, text) in enumerate(kept, 1)]
+    return [Job(n, i, text, args.out / f"{n:0{width}d}-{slug(line_prompt(text))}") for n, (i, text) in enumerate(kept, 1)]
 
 
 def default_settings(args, model: str):
@@ -172,9 +176,10 @@ def default_settings(args, model: str):
     )
 
 
-def job_settings(base, text: str):
-    """`base` with the line's prompt and the settings written at its end; checked (ValueError says what to fix)."""
-    prompt, own = split_line(text)
+def job_settings(base, job: Job):
+    """`base` with the job's prompt and the settings written at the end of its line; checked (ValueError says
+    what to fix). A prompt given on the command line is taken as it is."""
+    prompt, own = split_line(job.text) if job.line is not None else (job.text.strip(), {})
     if not prompt:
         raise ValueError("the line has settings but no prompt")
     if "size" in own:
@@ -275,7 +280,7 @@ def run_job(pipe, job: Job, base, model: str, wanted, device_label: str, nested:
 
     from .generate import generate
 
-    settings = job_settings(base, job.text)
+    settings = job_settings(base, job)
     bar = tqdm(total=settings.steps, desc="steps", unit="step", leave=False, position=int(nested))
 
     def on_step(step, total, latents):
