@@ -15,6 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
+from . import loading, report
+from .generate import SCHEDULERS, Settings, generate
+from .loading import PRESETS, load_pipeline, pick_device
+from .random_models import FAMILIES, build_random_pipeline
+
 EXAMPLES = """\
 examples:
   python -m sdviz "a red circle above a blue square" --out handout
@@ -56,8 +64,6 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _scheduler(text: str) -> str:
-    from .generate import SCHEDULERS
-
     squash = lambda s: re.sub(r"[\s_-]", "", s.lower())  # noqa: E731  "euler-a" finds "Euler a"
     for name in SCHEDULERS:
         if squash(name) == squash(text):
@@ -71,7 +77,8 @@ def _add_settings(parser: argparse.ArgumentParser, default=None):
                         help="denoising steps (default: the model preset's, else 20)")
     parser.add_argument("--guidance", type=float, default=default, metavar="SCALE",
                         help="classifier-free guidance scale; 0-1 turns guidance off (default: the preset's, else 7.5)")
-    parser.add_argument("--seed", type=int, default=default, metavar="N", help="random seed of the starting noise (default 0)")
+    parser.add_argument("--seed", type=int, default=default, metavar="N",
+                        help="random seed of the starting noise (default 0)")
     parser.add_argument("--scheduler", type=_scheduler, default=default, metavar="NAME",
                         help="DDIM, DDPM, Euler, 'Euler a', 'DPM++ 2M', PNDM, LMS or UniPC; case and spaces don't "
                              "matter (default: the preset's, else the model's own)")
@@ -153,17 +160,13 @@ def read_jobs(args) -> list[Job]:
     kept = [(i, line.strip()) for i, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
     if not kept:
         raise SystemExit(f"error: {args.prompts} has no prompts (blank lines and # comments are skipped)")
-    from .report import slug
-
     width = max(2, len(str(len(kept))))
-    return [Job(n, i, text, args.out / f"{n:0{width}d}-{slug(line_prompt(text))}") for n, (i, text) in enumerate(kept, 1)]
+    return [Job(n, i, text, args.out / f"{n:0{width}d}-{report.slug(line_prompt(text))}")
+            for n, (i, text) in enumerate(kept, 1)]
 
 
 def default_settings(args, model: str):
     """The command line's settings, with the model preset's defaults for those not given."""
-    from .generate import Settings
-    from .loading import PRESETS
-
     preset = PRESETS.get(model)
     size = args.size or ((preset.size, preset.size) if preset else (None, None))
     return Settings(
@@ -192,24 +195,17 @@ def job_settings(base, job: Job):
 
 
 def choose_model(name: str | None) -> str:
-    from .loading import PRESETS, TOY_MODEL_DIR
-
     if name:
         return name
-    if (TOY_MODEL_DIR / "model_index.json").is_file():
+    if (loading.TOY_MODEL_DIR / "model_index.json").is_file():
         return "toy"
-    raise SystemExit(f"error: no --model given and the built-in toy model is not installed ({TOY_MODEL_DIR} has no "
-                     f"model_index.json; train it with `python -m sdviz.toy.train`). Pass --model: a preset "
+    raise SystemExit(f"error: no --model given and the built-in toy model is not installed "
+                     f"({loading.TOY_MODEL_DIR} has no model_index.json; train it with `python -m sdviz.toy.train`). Pass --model: a preset "
                      f"({', '.join(PRESETS)}), a Hub id, a local diffusers folder, or random-sd1 to test with "
                      f"random weights.")
 
 
 def open_model(name: str, device: str | None, dtype: str | None):
-    import torch
-
-    from .loading import load_pipeline, pick_device
-    from .random_models import FAMILIES, build_random_pipeline
-
     torch_dtype = getattr(torch, dtype) if dtype else None
     if name.startswith("random-"):
         family = name[len("random-"):]
@@ -245,23 +241,24 @@ def present_words(run, wanted: list[str] | None) -> list[str] | None:
     """The wanted words this prompt contains (None: all words). ValueError if it contains none of them."""
     if not wanted:
         return None
-    found = []
+    found, missing = [], []
     for word in wanted:
         try:
             run.token_indices(word)
             found.append(word)
         except KeyError:
-            pass
+            missing.append(word)
+    listing = ", ".join(w.text for w in run.words)
     if not found:
-        raise ValueError(f"the prompt contains none of --words {', '.join(wanted)}; its words are: "
-                         + ", ".join(w.text for w in run.words))
+        raise ValueError(f"the prompt contains none of --words {', '.join(wanted)}; its words are: {listing}")
+    if missing:
+        tqdm.write(f"note: {run.prompt!r} has no word {', '.join(missing)}; drawing {', '.join(found)}",
+                   file=sys.stderr)
     return found
 
 
 def write_outputs(out: Path, run, image, settings, model: str, words, extra: dict) -> list[Path]:
     """Every file of one prompt's handout, in `out`."""
-    from . import report
-
     out.mkdir(parents=True, exist_ok=True)
     pictures = report.handout_images(run, image, words)
     written = []
@@ -276,10 +273,6 @@ def write_outputs(out: Path, run, image, settings, model: str, words, extra: dic
 
 def run_job(pipe, job: Job, base, model: str, wanted, device_label: str, nested: bool) -> list[Path]:
     """Generate one prompt (a step progress bar below the prompts bar when `nested`) and write its handout."""
-    from tqdm.auto import tqdm
-
-    from .generate import generate
-
     settings = job_settings(base, job)
     bar = tqdm(total=settings.steps, desc="steps", unit="step", leave=False, position=int(nested))
 
@@ -294,11 +287,16 @@ def run_job(pipe, job: Job, base, model: str, wanted, device_label: str, nested:
         bar.close()
     seconds = time.perf_counter() - start
     words = present_words(run, wanted)
-    extra = {"Device": device_label, "Generation time": f"{seconds:.1f} s", "Reproduce with": reproduce(settings, model)}
+    extra = {"Device": device_label, "Generation time": f"{seconds:.1f} s",
+             "Reproduce with": reproduce(settings, model)}
     return write_outputs(job.out, run, image, settings, model, words, extra)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line on `argv` (default: sys.argv[1:]) and return the exit status.
+
+    Usage errors exit through argparse (SystemExit with status 2), as `--help` does with 0.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if (args.prompt is None) == (args.prompts is None):
@@ -315,8 +313,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, parser) -> int:
-    from tqdm.auto import tqdm
-
     model = choose_model(args.model)
     base = default_settings(args, model)
     try:

@@ -39,7 +39,7 @@ class Variant:
 
 # -- running ----------------------------------------------------------------------------------------
 def variant_settings(base: Settings, vary: str, values: Sequence) -> list[tuple[str, Settings]]:
-    """(label, settings) for each value of `vary`, checked before anything runs. Raises ValueError that says what to do."""
+    """(label, settings) for each value of `vary`, checked before anything runs; ValueError says what to fix."""
     if vary not in VARY:
         raise ValueError(f"can't vary {vary!r}; choose one of {', '.join(VARY)}")
     values = list(values)
@@ -115,7 +115,7 @@ _WORD = re.compile(r"[\w']+|[^\w\s]")
 
 
 def changed_words(a: str | Sequence[str], b: str | Sequence[str]) -> tuple[list[str], list[str]]:
-    """The words of `a` and of `b` that the other lacks, in order: ("a red circle", "a blue circle") → (["red"], ["blue"]).
+    """The words of `a` and of `b` that the other lacks, in order: "a red circle", "a blue circle" → ["red"], ["blue"].
 
     `a`, `b`: prompt texts (split into lower-case words and punctuation) or lists of words.
     """

@@ -110,7 +110,8 @@ def _settings_rows(run: TraceResult, settings, extra: dict | None) -> list[tuple
 
 
 CSS = """
-body { font: 15px/1.5 Georgia, "DejaVu Serif", serif; color: #222; max-width: 60rem; margin: 2rem auto; padding: 0 1.2rem; }
+body { font: 15px/1.5 Georgia, "DejaVu Serif", serif; color: #222; max-width: 60rem; margin: 2rem auto;
+       padding: 0 1.2rem; }
 h1 { font-size: 1.6rem; margin-bottom: .2rem; }
 h1 q { font-style: italic; }
 h2 { font-size: 1.2rem; border-bottom: 1px solid #bbb; margin-top: 2rem; break-after: avoid; }
@@ -168,6 +169,13 @@ def report_html(run: TraceResult, image: Image.Image, settings: Settings | dict 
         cfg = float(guidance) > 1
     except ValueError:
         cfg = True
+    if cfg:
+        guidance_note = (f"Classifier-free guidance (scale {e(guidance)}) runs the U-Net twice per step, with and "
+                         f"without the prompt, and pushes the result {e(guidance)} times further in the direction "
+                         f"the prompt points: higher values follow the prompt more literally.")
+    else:
+        guidance_note = (f"Guidance was off (scale {e(guidance)}): the U-Net ran once per step, with the prompt "
+                         f"only.")
 
     parts = [f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -193,12 +201,13 @@ each word's meaning in its context.</li>
 <li><b>Noise.</b> The picture starts as pure random noise (fixed by the seed), not in pixels but in a small
 <i>latent</i> grid (see “The latent” below).</li>
 <li><b>U-Net.</b> A neural network called a U-Net looks at the noisy latent and predicts the noise in it. Through
-<i>cross-attention</i> it reads the token vectors, so each word can steer some regions of the picture (see “Where each word looked”).</li>
+<i>cross-attention</i> it reads the token vectors, so each word can steer some regions of the picture
+(see “Where each word looked”).</li>
 <li><b>Scheduler.</b> The scheduler ({e(scheduler)}) removes part of the predicted noise, and the U-Net looks again:
 {run.num_steps} steps from noise to picture (see “Step by step” and “The noise schedule”).</li>
 <li><b>VAE decoder.</b> The final latent is turned into pixels by the decoder of a VAE (variational autoencoder).</li>
 </ol>
-<p>{"Classifier-free guidance (scale " + e(guidance) + ") runs the U-Net twice per step, with and without the prompt, and pushes the result " + e(guidance) + " times further in the direction the prompt points: higher values follow the prompt more literally." if cfg else "Guidance was off (scale " + e(guidance) + "): the U-Net ran once per step, with the prompt only."}</p>
+<p>{guidance_note}</p>
 </div></div></section>
 """)
 

@@ -19,7 +19,8 @@ PICTURES = ["image.png", "heatmaps.png", "steps.png", "latent-rgb.png", "latent-
 def assert_handout(folder, prompt, words):
     """Every listed file is there, is what it says, and nothing else is."""
     heatmaps = [f"heatmap-{i:02d}-{w}.png" for i, w in enumerate(words, 1)]
-    assert sorted(p.name for p in folder.iterdir()) == sorted(PICTURES + heatmaps + ["trace.safetensors", "report.html"])
+    files = PICTURES + heatmaps + ["trace.safetensors", "report.html"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files)
     for name in PICTURES + heatmaps:
         with Image.open(folder / name) as picture:
             assert picture.format == "PNG" and min(picture.size) > 0

@@ -79,7 +79,8 @@ def test_report_shows_the_settings_and_explains_each_picture(report_file):
                     "Step by step", "The noise schedule", "The latent"):
         assert f"{heading}" in text, heading
     for explained in ("77 token vectors", "cross-attention", "predicts the noise", "removes part of the predicted noise",
-                      "4 × 8 × 8", "VAE decoder", "timestep", "share of the attention", "averaged over the attention heads, over all 3 steps and over all 16 layers"):
+                      "4 × 8 × 8", "VAE decoder", "timestep", "share of the attention",
+                      "averaged over the attention heads, over all 3 steps and over all 16 layers"):
         assert explained in text, explained
 
 
@@ -143,4 +144,5 @@ def test_a_saved_trace_makes_the_same_report(traced, tmp_path):
     loaded = sdviz.TraceResult.load(run.save(tmp_path / "trace.safetensors"))
 
     one_word = dict(words=["circle"])                                    # fewer pictures: a faster test
-    assert report.report_html(loaded, image, settings, **one_word) == report.report_html(run, image, settings, **one_word)
+    assert (report.report_html(loaded, image, settings, **one_word)
+            == report.report_html(run, image, settings, **one_word))
