@@ -87,16 +87,16 @@ def use_scheduler(pipe, name: str | None):
 def generate(pipe, settings: Settings, on_step=None, negative: bool = True, per_head: bool = False):
     """Run `settings` on `pipe` under `sdviz.trace`. Returns (PIL image, TraceResult).
 
-    on_step(step_index, total_steps, latents) is called after every scheduler step (latents: the
-    batch's x_{t-1}, [B, C, h, w]); raise `Cancelled` from it to stop. The partial trace of a
-    cancelled run is on the exception: `err.result`.
+    on_step(step_index, total_steps, x0) is called after every scheduler step with that step's
+    predicted clean latent x0 ([1, C, h, w], what live previews show); raise `Cancelled` from it
+    to stop. The partial trace of a cancelled run is on the exception: `err.result`.
     """
     settings.check()
     generator = torch.Generator("cpu").manual_seed(settings.seed)
 
     def callback(pipeline, step_index, timestep, kwargs):
         if on_step is not None:
-            on_step(step_index, pipeline.num_timesteps, kwargs["latents"])
+            on_step(step_index, pipeline.num_timesteps, tracer.latest_x0[None])
         return {}
 
     with use_scheduler(pipe, settings.scheduler):

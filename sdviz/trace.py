@@ -215,6 +215,11 @@ class Tracer:
         self._pending, self._pending_negative = {}, {}
         self._final_latent = out.prev_sample[0].detach().float().clone()
 
+    @property
+    def latest_x0(self) -> torch.Tensor | None:
+        """[C, h, w] predicted clean latent of the last recorded step (for live previews)."""
+        return self._steps[-1].x0 if self._steps else None
+
     # -- result ---------------------------------------------------------------------------------
     def _build_result(self, complete: bool) -> TraceResult:
         return TraceResult.from_recording(self, complete=complete)
