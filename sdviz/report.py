@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import __version__, render
+from . import render
 from .generate import Settings
 from .result import TraceResult
 
@@ -149,6 +149,8 @@ def report_html(run: TraceResult, image: Image.Image, settings: Settings | dict 
     come from `run.info`. extra: more (label, value) rows for the settings table. words: the words to
     draw (default: every word). pictures: `handout_images(...)` when already made (the CLI saves them too).
     """
+    from . import __version__  # at call time, so that sdviz/__init__.py may import this module
+
     pictures = pictures or handout_images(run, image, words)
     e = html.escape
     rows = _settings_rows(run, settings, extra)

@@ -4,6 +4,7 @@
 import html
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -82,7 +83,8 @@ def test_help_documents_every_option_with_examples(capsys):
 
 
 def test_python_dash_m_sdviz_runs():
-    done = subprocess.run([sys.executable, "-m", "sdviz", "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "sdviz", "--help"], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0 and "usage: python -m sdviz" in done.stdout
 
 
