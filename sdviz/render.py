@@ -11,6 +11,7 @@ import math
 
 import matplotlib
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -134,6 +135,7 @@ def schedule_plot(run: TraceResult, step: int | None = None) -> Figure:
     for ax in axes[:-1]:
         ax.tick_params(labelbottom=False)
     axes[-1].set_xlabel("denoising step", fontsize=8)
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     title = f"{run.info.get('scheduler', '')}: noise schedule"
     if step is not None:
         title += f" (step {step + 1}/{run.num_steps}, t={run.timesteps[step]:.0f})"
@@ -154,6 +156,7 @@ def attention_over_time(run: TraceResult, negative: bool = False, **filters) -> 
     ax.set_xlim(1, max(len(shares), 2))
     ax.set_ylim(0, 1)
     ax.set_xlabel("denoising step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("share of word attention")
     ax.set_title("Attention over time: which words the image listens to at each step", fontsize=9)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
