@@ -61,6 +61,28 @@ def measure(family: str, full: bool, size: int, steps: int, repeats: int, prompt
     }
 
 
+def measure_dtypes(family: str, full: bool, size: int, steps: int, repeats: int, prompt: str) -> dict:
+    """fp32 against bf16 on this machine, interleaved: median seconds and the image difference."""
+    import copy
+
+    pipes = {"float32": build_random_pipeline(family, full=full)}
+    pipes["bfloat16"] = copy.deepcopy(pipes["float32"]).to(dtype=torch.bfloat16)
+    times: dict[str, list[float]] = {k: [] for k in pipes}
+    images = {}
+    for r in range(repeats + 1):                      # the first round warms up and is not counted
+        for name, pipe in (pipes.items() if r % 2 == 0 else reversed(pipes.items())):
+            pipe.set_progress_bar_config(disable=True)
+            start = time.perf_counter()
+            images[name] = pipe(prompt, num_inference_steps=steps, height=size, width=size, output_type="np",
+                                generator=torch.Generator("cpu").manual_seed(0)).images[0]
+            if r:
+                times[name].append(time.perf_counter() - start)
+    fp32, bf16 = statistics.median(times["float32"]), statistics.median(times["bfloat16"])
+    return {"float32_median_s": fp32, "bfloat16_median_s": bf16, "bf16_speedup": fp32 / bf16,
+            "mean_abs_pixel_diff_0_255": float(abs(images["float32"] - images["bfloat16"]).mean() * 255),
+            "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sdviz.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,10 +96,23 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-steps", type=int, default=50)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--dtypes", action="store_true",
+                        help="instead: time fp32 against bf16 generations (interleaved) and compare their images")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.dtypes:
+        fig = measure_dtypes(args.family, args.full, args.size, args.steps, args.repeats, args.prompt)
+        print(f"{args.family} ({'full' if args.full else 'tiny'} width), {args.size}² × {args.steps} steps, "
+              f"{torch.get_num_threads()} threads, AMX {'yes' if fig['amx'] else 'no'}: fp32 median "
+              f"{fig['float32_median_s']:.2f} s, bf16 median {fig['bfloat16_median_s']:.2f} s "
+              f"(bf16 ×{fig['bf16_speedup']:.2f} faster), mean |fp32 − bf16| pixel difference "
+              f"{fig['mean_abs_pixel_diff_0_255']:.1f}/255")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(fig, f, indent=2)
+        return 0
     fig = measure(args.family, args.full, args.size, args.steps, args.repeats, args.prompt,
                   args.memory_size, args.memory_steps, getattr(torch, args.dtype))
     print(f"{fig['family']} ({fig['width']} width, {fig['dtype']}, {fig['threads']} threads), "
