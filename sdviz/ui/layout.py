@@ -13,14 +13,14 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
-from PIL import Image
 
+from .. import render
 from ..generate import SCHEDULERS
 from ..loading import ModelUnavailableError
 from . import texts, views
 from .inputs import max_side, notes_before, settings_from_form
 from .models import Models
-from .streaming import Done, generate_streaming
+from .streaming import PREVIEW_WIDTH, Done, generate_streaming
 
 PIPELINE = "pipeline"            # concurrency id of every event that runs a model
 COLORMAPS = ["jet", "inferno", "viridis", "magma", "turbo", "gray"]
@@ -74,17 +74,17 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="sdviz-prompt",
                                     placeholder="a red circle on the left and a blue square on the right")
                 negative = gr.Textbox(label="Negative prompt (what to steer away from)", lines=1)
+                model = gr.Dropdown([(p.label, name) for name, p in models.choices.items()], value=models.default,
+                                    label="Model", allow_custom_value=True, elem_id="sdviz-model")
                 with gr.Row():
-                    model = gr.Dropdown([(f"{p.label}", name) for name, p in models.choices.items()],
-                                        value=models.default, label="Model", allow_custom_value=True, scale=3)
                     scheduler = gr.Dropdown(list(SCHEDULERS), value=preset.scheduler, label="Scheduler",
                                             allow_custom_value=True, scale=2)
-                with gr.Row():
-                    steps = gr.Slider(1, preset.max_steps, value=preset.steps, step=1, label="Steps")
-                    guidance = gr.Slider(0, 20, value=preset.guidance, step=0.5, label="Guidance scale")
-                with gr.Row():
                     seed = gr.Textbox("42", label="Seed", max_lines=1, scale=2)
-                    randomize = gr.Checkbox(False, label="Random seed", scale=1)
+                    randomize = gr.Checkbox(False, label="Random seed", scale=1, min_width=90)
+                with gr.Row():
+                    steps = gr.Slider(1, preset.max_steps, value=preset.steps, step=1, label="Steps",
+                                      elem_id="sdviz-steps")
+                    guidance = gr.Slider(0, 20, value=preset.guidance, step=0.5, label="Guidance scale")
                 with gr.Row():
                     width = gr.Slider(64, max_side(preset.size), value=preset.size, step=8, label="Width")
                     height = gr.Slider(64, max_side(preset.size), value=preset.size, step=8, label="Height")
@@ -99,9 +99,10 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                     gr.Examples([[p] for p in examples], inputs=[prompt], label="Examples (click to use)")
             with gr.Column(scale=6):
                 with gr.Row():
-                    preview = gr.Image(label="Live preview (x_t after each step, fast, no VAE)", interactive=False,
-                                       elem_id="sdviz-preview", height=300, buttons=["fullscreen"])
+                    preview = gr.Image(label="Live preview (latent after each step, no VAE)",
+                                       interactive=False, elem_id="sdviz-preview", elem_classes="sdviz-fill", height=300, buttons=["fullscreen"])
                     final = gr.Image(label="Final image", interactive=False, elem_id="sdviz-final", height=300,
+                                     elem_classes="sdviz-fill",
                                      format="png", buttons=["download", "fullscreen"])
                 progress = gr.HTML(texts.progress_html(0, 1, 0, "Ready"), elem_id="sdviz-progress")
                 with gr.Row():
@@ -114,7 +115,7 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                                             elem_id="sdviz-tokens")
                 with gr.Row():
                     files_btn = gr.Button("Prepare downloads: image, heatmap, trace, report", size="sm")
-                    files = gr.File(label="Downloads", file_count="multiple", interactive=False)
+                    files = gr.File(label="Downloads", file_count="multiple", interactive=False, height=110)
 
         # -- exploration tabs -----------------------------------------------------------------------
         with gr.Tabs():
@@ -125,7 +126,7 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                     use_negative = gr.Checkbox(False, label="Negative prompt's words", scale=1)
                 with gr.Row():
                     heat = gr.Image(label="Heatmap over the final image", interactive=False, format="png",
-                                    elem_id="sdviz-heatmap", height=340, buttons=["download", "fullscreen"])
+                                    elem_id="sdviz-heatmap", height=340, elem_classes="sdviz-fill", buttons=["download", "fullscreen"])
                     grid = gr.Image(label="All words", interactive=False, format="png", elem_id="sdviz-grid",
                                     height=340, buttons=["download", "fullscreen"])
                 with gr.Accordion("Filters and display", open=True):
@@ -146,7 +147,7 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                     with gr.Column():
                         gr.Markdown(texts.ASK, elem_classes="sdviz-explain")
                         ask_image = gr.Image(label="Click a point", interactive=False, elem_id="sdviz-ask",
-                                             height=300)
+                                             height=340, format="png")
                     ask_plot = gr.Image(label="Words ranked for the clicked region", interactive=False,
                                         format="png", elem_id="sdviz-ask-plot")
 
@@ -160,20 +161,20 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                 timer = gr.Timer(0.7, active=False)
                 step_caption = gr.Markdown(elem_id="sdviz-step-caption")
                 with gr.Row():
-                    xt = gr.Image(label="x_t: the noisy latent entering this step (fast preview)", interactive=False,
-                                  elem_id="sdviz-xt", elem_classes="sdviz-pixels", height=260)
-                    x0 = gr.Image(label="x0: the model's guess of the clean image (fast preview)", interactive=False,
-                                  elem_id="sdviz-x0", elem_classes="sdviz-pixels", height=260)
+                    xt = gr.Image(label="x_t: noisy latent in", interactive=False, elem_id="sdviz-xt",
+                                  elem_classes="sdviz-fill", height=260)
+                    x0 = gr.Image(label="x0: guess of the clean image", interactive=False, elem_id="sdviz-x0",
+                                  elem_classes="sdviz-fill", height=260)
                     decoded = gr.Image(label="x0, exact VAE decode", interactive=False, elem_id="sdviz-decoded",
-                                       height=260)
+                                       elem_classes="sdviz-fill", height=260)
                     step_heat = gr.Image(label="Heatmap at this step", interactive=False, elem_id="sdviz-step-heat",
-                                         height=260, visible=False)
+                                         elem_classes="sdviz-fill", height=260, visible=False)
                 gr.Markdown(texts.LATENTS, elem_classes="sdviz-explain")
                 with gr.Row():
                     z_rgb = gr.Image(label="z[0:3] as RGB", interactive=False, elem_id="sdviz-zrgb",
-                                     elem_classes="sdviz-pixels", height=220, format="png")
+                                     elem_classes="sdviz-fill", height=220, format="png")
                     z_channels = gr.Image(label="channels z[0] … z[3]", interactive=False, elem_id="sdviz-zchannels",
-                                          elem_classes="sdviz-pixels", height=220, format="png")
+                                          elem_classes="sdviz-fill", height=220, format="png")
                 gr.Markdown(texts.SCHEDULE, elem_classes="sdviz-explain")
                 schedule = gr.Image(label="Noise schedule", interactive=False, elem_id="sdviz-schedule", format="png")
 
@@ -235,7 +236,7 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
             return {
                 progress: texts.progress_html(done.run.num_steps, done.run.num_steps, done.elapsed,
                                               f"Done: {done.run.num_steps} steps in {done.elapsed:.1f} s"),
-                preview: Image.fromarray(done.run.preview(done.run.num_steps - 1)) if done.run.num_steps
+                preview: render.preview(done.run, done.run.num_steps - 1, "x0", PREVIEW_WIDTH) if done.run.num_steps
                 else None,
                 final: done.image, seed_used: str(settings.seed), tokens: views.token_chips(done.run),
                 word: gr.Radio(choices=views.words_of(done.run), value=first), heat: heat_image,
@@ -256,7 +257,7 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                 gr.Dropdown(choices=[(l.short, l.name) for l in run.layers], value=[]),
                 gr.Dropdown(choices=head_choices(run), value=-1), gr.Checkbox(value=False),
                 heat_image, views.word_grid(state, False, full, alpha, colormap),
-                views.attention_over_time(state, False, full), state.image, None, views.shapes(state),
+                views.attention_over_time(state, False, full), views.ask_canvas(state), None, views.shapes(state),
                 gr.Slider(maximum=n, value=n), *step_values(panels, None),
             )
 
@@ -322,11 +323,11 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
             return views.step_panels(state, int(step_value))["decoded"], state
 
         @friendly
-        def on_ask(state, *form, evt: gr.SelectData):
+        def on_ask(evt: gr.SelectData, state, *form):
             state = views.require(state)
-            h, w = state.image.shape[:2]
+            canvas = views.ask_canvas(state)                  # what the page shows; evt.index is in its pixels
             x, y = evt.index
-            return views.ask(state, x / w, y / h, filters(state, *form))
+            return views.ask(state, x / canvas.width, y / canvas.height, filters(state, *form))
 
         @friendly
         def on_files(word_value, neg, alpha, colormap, state, *form):

@@ -58,8 +58,8 @@ CSS = """
 .sdviz-explain {font-size: 0.92em; opacity: 0.9;}
 #sdviz-words .wrap {gap: 6px;}
 #sdviz-words label {font-size: 1.05em;}
-#sdviz-preview img, #sdviz-final img, #sdviz-heatmap img, #sdviz-ask img, .sdviz-pixels img
-  {image-rendering: pixelated;}
+/* small images (the 64×64 built-in model, 8×8 latents) fill their panel, pixel for pixel */
+.sdviz-fill img {width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated;}
 """
 
 

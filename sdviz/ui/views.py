@@ -19,6 +19,7 @@ from ..generate import Settings
 from ..result import TraceResult
 
 ASK_RADIUS = 0.08     # half-width of the box around a click, as a fraction of the image
+ASK_MIN_SIDE = 320    # the clickable image is enlarged server-side: the browser maps clicks in natural pixels
 
 
 @dataclass
@@ -142,6 +143,13 @@ def attention_over_time(session: Session, negative: bool, filters: Filters) -> I
     return render.to_image(render.attention_over_time(session.run, negative=negative, **kwargs))
 
 
+def ask_canvas(session: Session) -> Image.Image:
+    """The final image enlarged pixel for pixel to at least ASK_MIN_SIDE, for clicking on."""
+    h, w = session.image.shape[:2]
+    scale = max(1, -(-ASK_MIN_SIDE // max(h, w)))
+    return Image.fromarray(session.image).resize((w * scale, h * scale), Image.NEAREST)
+
+
 def ask(session: Session, x: float, y: float, filters: Filters) -> Image.Image:
     """Words ranked by how much the region around (x, y) (fractions of the image) attended to them."""
     if not session.run.words:
@@ -150,7 +158,7 @@ def ask(session: Session, x: float, y: float, filters: Filters) -> Image.Image:
     box = tuple(min(max(v, 0.0), 1.0) for v in box)
     kwargs = {k: v for k, v in filters.kwargs().items() if k != "heads"}
     scores = session.run.region_scores(box, **kwargs)
-    title = f"Which words the region around ({x:.2f}, {y:.2f}) attended to"
+    title = f"Words attended around ({x:.2f}, {y:.2f})"
     return render.to_image(render.region_bars(scores, title=title))
 
 

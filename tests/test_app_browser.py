@@ -1,0 +1,121 @@
+"""The web app end to end in a real headless Chromium (Playwright, Debian's /usr/bin/chromium).
+
+Screenshots go to artifacts/screenshots/ (git-ignored); look at them after a change to the layout.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
+
+
+@pytest.fixture(scope="module")
+def page(app_server):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium is missing at {CHROMIUM}: run `apt-get update && apt-get install -y chromium` "
+                    f"(never `playwright install`)")
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        page.set_default_timeout(30_000)
+        page.goto(app_server.url)
+        page.wait_for_selector("#sdviz-prompt textarea")
+        yield page
+        browser.close()
+
+
+def src(page, selector: str) -> str | None:
+    img = page.query_selector(f"{selector} img")
+    return img.get_attribute("src") if img else None
+
+
+def set_slider(page, elem_id: str, value: int):
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.scroll_into_view_if_needed()
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_generate_streams_live_previews_then_shows_the_result(page, app_server):
+    steps = app_server.models.preset(app_server.name).max_steps
+    page.fill("#sdviz-prompt textarea", "a red circle on the left and a blue square on the right")
+    set_slider(page, "sdviz-steps", steps)
+    page.click("#sdviz-generate")
+    previews, deadline = set(), time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (s := src(page, "#sdviz-preview")):
+            previews.add(s)
+        if "Done:" in page.inner_text("#sdviz-progress"):
+            break
+        time.sleep(0.05)
+    page.screenshot(path=str(SHOTS / "1-generated.png"), full_page=True)
+    assert "Done:" in page.inner_text("#sdviz-progress")
+    assert len(previews) >= 3, f"the live preview changed only {len(previews)} times"
+    page.wait_for_selector("#sdviz-final img")
+    assert page.locator("#sdviz-seed-used textarea, #sdviz-seed-used input").first.input_value() == "42"
+    assert "circle" in page.inner_text("#sdviz-tokens")
+
+
+def test_clicking_a_word_changes_the_heatmap(page):
+    page.wait_for_selector("#sdviz-heatmap img")
+    page.wait_for_selector("#sdviz-grid img")
+    before = src(page, "#sdviz-heatmap")
+    words = page.locator("#sdviz-words label")
+    assert words.count() >= 6
+    target = "square" if "square" not in (page.locator("#sdviz-words input:checked").get_attribute("value") or "") \
+        else "red"
+    page.locator("#sdviz-words label", has_text=target).first.click()
+    page.wait_for_function(
+        "([sel, old]) => { const i = document.querySelector(sel); return i && i.src !== old; }",
+        arg=["#sdviz-heatmap img", before])
+    page.locator("#sdviz-ask img").click(position={"x": 60, "y": 200})     # "Ask the image"
+    page.wait_for_selector("#sdviz-ask-plot img")
+    page.locator("#sdviz-heatmap").scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "2-words.png"), full_page=True)
+
+
+def test_scrubbing_steps_shows_previews_latent_channels_and_schedule(page):
+    page.get_by_role("tab", name="Step by step").click()
+    page.wait_for_selector("#sdviz-schedule img")
+    page.wait_for_selector("#sdviz-zchannels img")
+    page.wait_for_selector("#sdviz-zrgb img")
+    before = {sel: src(page, sel) for sel in ("#sdviz-x0", "#sdviz-schedule", "#sdviz-zchannels")}
+    set_slider(page, "sdviz-step", 3)
+    page.wait_for_function("() => document.querySelector('#sdviz-step-caption').innerText.includes('Step 3 of')")
+    page.wait_for_function(
+        "([sel, old]) => { const i = document.querySelector(sel); return i && i.src !== old; }",
+        arg=["#sdviz-schedule img", before["#sdviz-schedule"]])
+    after = {sel: src(page, sel) for sel in before}
+    assert all(after[sel] and after[sel] != before[sel] for sel in before), (before, after)
+    page.click("#sdviz-decode")
+    page.wait_for_selector("#sdviz-decoded img")
+    page.locator("#sdviz-step").scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "3-steps.png"), full_page=True)
+
+
+def test_how_it_works_shows_the_live_shapes(page):
+    page.get_by_role("tab", name="How it works").click()
+    page.wait_for_function("() => document.querySelector('#sdviz-shapes').innerText.includes('[1, 77')")
+    text = page.inner_text("#sdviz-shapes")
+    assert "77" in text and "VAE" in text
+    page.screenshot(path=str(SHOTS / "4-how.png"), full_page=True)
+
+
+def test_readme_screenshot(page):
+    """The page as a newcomer sees it after a run, for docs/screenshot.png (copied there by hand)."""
+    page.get_by_role("tab", name="Which words attend where").click()
+    page.wait_for_selector("#sdviz-heatmap img")
+    page.evaluate("window.scrollTo(0, 0)")
+    path = SHOTS / "readme.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 50_000
