@@ -99,7 +99,7 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                     gr.Examples([[p] for p in examples], inputs=[prompt], label="Examples (click to use)")
             with gr.Column(scale=6):
                 with gr.Row():
-                    preview = gr.Image(label="Live preview (latent after each step, no VAE)",
+                    preview = gr.Image(label="Live preview (predicted x0 of each step, no VAE)",
                                        interactive=False, elem_id="sdviz-preview", elem_classes="sdviz-fill", height=300, buttons=["fullscreen"])
                     final = gr.Image(label="Final image", interactive=False, elem_id="sdviz-final", height=300,
                                      elem_classes="sdviz-fill",

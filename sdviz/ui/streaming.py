@@ -1,7 +1,7 @@
 """Run `sdviz.generate` in a worker thread and stream its progress as a generator of events.
 
 The generator yields `Tick`s (step counter, elapsed time and, at most `previews_per_s` times a second,
-a small latent → RGB preview) and finally one `Done` with the image and the trace. Closing the
+a small latent → RGB preview of the step's predicted x0) and finally one `Done` with the image and the trace. Closing the
 generator (Gradio does so when the user presses Stop) makes the next step callback raise
 `sdviz.Cancelled`; the library restores the pipeline in `finally`, and `Models.using` keeps the next run
 off the pipeline until then.
@@ -31,7 +31,7 @@ class Tick:
     step: int               # steps done so far (0 while loading / encoding the prompt)
     total: int
     elapsed: float          # seconds since the request started
-    preview: Image.Image | None = None   # fast preview of the latent after this step, when due
+    preview: Image.Image | None = None   # fast preview of this step's predicted x0, when due
     message: str = ""
 
 
@@ -61,10 +61,10 @@ def generate_streaming(models: Models, model: str, settings: Settings, per_head:
     stop = threading.Event()
     outcome: dict = {}
 
-    def on_step(index: int, total: int, latents: torch.Tensor):
+    def on_step(index: int, total: int, x0: torch.Tensor):
         if stop.is_set():
             raise Cancelled("stopped by the user")
-        steps.put((index + 1, total, latents[0].detach().float().cpu().clone()))   # [C, h, w]
+        steps.put((index + 1, total, x0[0].detach().float().cpu().clone()))   # x0 of this step, [C, h, w]
 
     def work():
         try:
