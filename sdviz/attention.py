@@ -40,18 +40,20 @@ def block_of(name: str) -> str:
 
 
 def project_keys(attn, context: torch.Tensor) -> torch.Tensor:
-    """The layer's keys, split into heads: context [b, 77, d] → [b, heads, 77, head_dim]."""
+    """The layer's keys, ready to multiply: context [b, 77, d_text] → Kᵀ·scale [b, heads, head_dim, 77], float32."""
     if attn.norm_cross:
         context = attn.norm_encoder_hidden_states(context)
     key = attn.to_k(context)
-    key = key.view(key.shape[0], -1, attn.heads, key.shape[-1] // attn.heads).transpose(1, 2)
-    return attn.norm_k(key) if attn.norm_k is not None else key
+    key = key.view(key.shape[0], -1, attn.heads, key.shape[-1] // attn.heads).transpose(1, 2)  # [b, heads, 77, d]
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return (key.float() * attn.scale).transpose(-1, -2)
 
 
-def attention_probs(attn, hidden_states: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+def attention_probs(attn, hidden_states: torch.Tensor, keys_t: torch.Tensor) -> torch.Tensor:
     """softmax(Q·Kᵀ·scale) of one `Attention` layer, in float32.
 
-    hidden_states: [b, hw, c] (or [b, c, h, w]); key: `project_keys` output [b, heads, 77, d]
+    hidden_states: [b, hw, c] (or [b, c, h, w]); keys_t: `project_keys` output [b, heads, d, 77]
     → probs [b, heads, hw, 77]. Follows the layer's own pre-processing (group norm, q/k norms).
     """
     if hidden_states.ndim == 4:
@@ -60,11 +62,10 @@ def attention_probs(attn, hidden_states: torch.Tensor, key: torch.Tensor) -> tor
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
     query = attn.to_q(hidden_states)
-    query = query.view(query.shape[0], -1, attn.heads, key.shape[-1]).transpose(1, 2)  # [b, heads, hw, d]
+    query = query.view(query.shape[0], -1, attn.heads, keys_t.shape[-2]).transpose(1, 2)  # [b, heads, hw, d]
     if attn.norm_q is not None:
         query = attn.norm_q(query)
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
-    return scores.softmax(dim=-1)
+    return torch.matmul(query.float(), keys_t).softmax(dim=-1)
 
 
 class CrossAttentionRecorder:

@@ -71,15 +71,15 @@ class TraceResult:
 
         pipe, steps = tracer.pipe, tracer._steps
         texts = tracer._texts + [([], [])] * (2 - len(tracer._texts))
-        layers = [tracer._layers[name] for name in tracer._layers]
-        names = [layer.name for layer in layers]
+        layers = list(tracer._layers.values())
 
         def stack(branch: str) -> dict[str, torch.Tensor]:
             maps = {}
-            for name in names:
-                per_step = [getattr(s, branch).get(name) for s in steps]
+            for layer in layers:
+                per_step = [getattr(s, branch).get(layer.name) for s in steps]
                 if per_step and all(m is not None for m in per_step):
-                    maps[name] = torch.stack(per_step).cpu()
+                    m = torch.stack(per_step).transpose(-1, -2)              # [S, (heads,) T, hw]
+                    maps[layer.name] = m.reshape(*m.shape[:-1], layer.height, layer.width).cpu()
             return maps
 
         def series(attr: str) -> torch.Tensor:

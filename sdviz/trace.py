@@ -5,7 +5,7 @@
     run = tracer.result                      # sdviz.TraceResult, plain data on the CPU
 
 What it installs, and removes in `finally` whatever happens:
-- a `CrossAttentionRecorder` around each cross-attention (attn2) processor, via `unet.set_attn_processor`;
+- a `CrossAttentionRecorder` around each cross-attention (attn2) processor, via `Attention.set_processor`;
 - a forward pre-hook on the U-Net (latent size, whether this call carries classifier-free guidance);
 - a forward pre-hook on the first text encoder (the token ids of the prompt, then of the negative);
 - a wrapper of `scheduler.step` on the scheduler instance: each call closes one step (x_t, guided
@@ -36,7 +36,7 @@ class _Step:
     latent: torch.Tensor        # [C, h, w]
     model_output: torch.Tensor  # [C, h, w]
     x0: torch.Tensor            # [C, h, w]
-    attention: dict = field(default_factory=dict)           # layer → [T, h, w] (or [heads, T, h, w])
+    attention: dict = field(default_factory=dict)           # layer → [hw, T] (or [heads, hw, T])
     attention_negative: dict = field(default_factory=dict)
 
 
@@ -76,7 +76,6 @@ class Tracer:
         self.prompt = prompt
         self.negative_prompt = negative_prompt
         self.result: TraceResult | None = None
-        self._installed = False
         self._reset()
 
     # -- per-generation state -------------------------------------------------------------------
@@ -97,31 +96,25 @@ class Tracer:
     def __enter__(self) -> "Tracer":
         pipe = self.pipe
         unet, scheduler = pipe.unet, pipe.scheduler
-        originals = unet.attn_processors
-        if any(isinstance(p, CrossAttentionRecorder) for p in originals.values()) or "step" in vars(scheduler):
+        # (name, Attention module, its own processor) of every cross-attention layer
+        layers = [(name, m, m.processor) for name, m in unet.named_modules()
+                  if getattr(m, "is_cross_attention", False) and hasattr(m, "set_processor")]
+        if any(isinstance(p, CrossAttentionRecorder) for _, _, p in layers) or "step" in vars(scheduler):
             raise RuntimeError("this pipeline is already being traced: one `sdviz.trace(pipe)` at a time "
                                "(finish the other `with` block first)")
-        self._reset()
-        self._originals = originals
-        self._handles = []
-        wrapped = {}
-        for key, proc in originals.items():
-            module_name = key.rsplit(".processor", 1)[0]
-            if getattr(unet.get_submodule(module_name), "is_cross_attention", False):
-                wrapped[key] = CrossAttentionRecorder(proc, module_name, self._record_attention)
-            else:
-                wrapped[key] = proc
-        if not any(isinstance(p, CrossAttentionRecorder) for p in wrapped.values()):
+        if not layers:
             raise RuntimeError(f"{type(unet).__name__} has no cross-attention layers to trace")
+        self._reset()
+        self._originals = layers
+        self._handles = []
         try:
-            unet.set_attn_processor(wrapped)
+            for name, module, original in layers:
+                module.set_processor(CrossAttentionRecorder(original, name, self._record_attention))
             self._handles.append(unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
             encoder = getattr(pipe, "text_encoder", None) or getattr(pipe, "text_encoder_2", None)
             if encoder is not None:
                 self._handles.append(encoder.register_forward_pre_hook(self._on_text_encoder, with_kwargs=True))
-            original_step = scheduler.step
-            scheduler.step = self._wrap_step(original_step)
-            self._installed = True
+            scheduler.step = self._wrap_step(scheduler.step)
         except BaseException:
             self._restore()
             raise
@@ -135,15 +128,14 @@ class Tracer:
         return False
 
     def _restore(self):
-        unet, scheduler = self.pipe.unet, self.pipe.scheduler
         try:
-            unet.set_attn_processor(dict(self._originals))
+            for _, module, original in self._originals:
+                module.set_processor(original)
         finally:
-            vars(scheduler).pop("step", None)
+            vars(self.pipe.scheduler).pop("step", None)
             for handle in self._handles:
                 handle.remove()
             self._handles = []
-            self._installed = False
 
     # -- hooks ----------------------------------------------------------------------------------
     def _on_text_encoder(self, module, args, kwargs):
@@ -171,12 +163,13 @@ class Tracer:
     def _record_attention(self, name, attn, hidden_states, context):
         cond, neg = self._rows
         rows = [cond] + ([neg] if (self.negative and neg is not None) else [])
+        select = slice(cond, cond + 1) if len(rows) == 1 else rows       # a view when one row
         # The text context is the same tensor at every step: project its keys once per layer.
         cache_key = (name, context.data_ptr(), context._version, tuple(context.shape), tuple(rows))
         key = self._keys.get(cache_key)
         if key is None:
-            key = self._keys[cache_key] = project_keys(attn, context[rows])
-        probs = attention_probs(attn, hidden_states[rows], key)           # [r, heads, hw, 77]
+            key = self._keys[cache_key] = project_keys(attn, context[select])
+        probs = attention_probs(attn, hidden_states[select], key)         # [r, heads, hw, 77]
         if name not in self._layers:
             h, w = _layer_size(probs.shape[2], self._latent_hw)
             self._layers[name] = LayerInfo(name, block_of(name), h, w, attn.heads)
@@ -185,10 +178,8 @@ class Tracer:
             if row >= len(rows):
                 break
             p = probs[row, :, :, :keep]                                   # [heads, hw, T]
-            if not self.per_head:
-                p = p.mean(0)                                             # [hw, T]
-            p = p.to(self.dtype).transpose(-1, -2)                        # [(heads,) T, hw]
-            target[name] = p.reshape(*p.shape[:-1], info.height, info.width)  # [(heads,) T, h, w]
+            # [(heads,) hw, T]; TraceResult lays the stacked steps out as [S, (heads,) T, h, w]
+            target[name] = (p if self.per_head else p.mean(0)).to(self.dtype)
 
     def _wrap_step(self, original_step):
         # wraps() keeps step's signature visible: pipelines pass `generator` and `eta` only to a
