@@ -17,10 +17,10 @@ import numpy as np
 from .. import render
 from ..generate import SCHEDULERS
 from ..loading import ModelUnavailableError
-from . import texts, views
+from . import compare_view, texts, views
 from .inputs import max_side, notes_before, settings_from_form
 from .models import Models
-from .streaming import PREVIEW_WIDTH, Done, generate_streaming
+from .streaming import PREVIEW_WIDTH, Done, Tick, VariantDone, compare_streaming, generate_streaming
 
 PIPELINE = "pipeline"            # concurrency id of every event that runs a model
 COLORMAPS = ["jet", "inferno", "viridis", "magma", "turbo", "gray"]
@@ -42,6 +42,20 @@ def friendly(fn):
         except USER_ERRORS as err:
             raise gr.Error(_message(err)) from err
     return wrapper
+
+
+@contextlib.contextmanager
+def pipeline_errors(model_name: str, button: str):
+    """Faults while loading or running a model → gr.Error saying what happened and that nothing was lost."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except (ModelUnavailableError, FileNotFoundError, TypeError) as err:
+        raise gr.Error(f"Can't use model {model_name!r}: {err}") from err
+    except Exception as err:
+        raise gr.Error(f"The generation failed inside the pipeline ({type(err).__name__}: {err}). "
+                       f"Nothing was lost; press {button} to try again.") from err
 
 
 def zero_gpu(fn):
@@ -183,6 +197,45 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                 over_time = gr.Image(label="Attention over time", interactive=False, format="png",
                                      elem_id="sdviz-over-time")
 
+            with gr.Tab("Compare", id="compare"):
+                gr.Markdown(texts.COMPARE, elem_classes="sdviz-explain")
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=3):
+                        with gr.Row():
+                            cmp_mode = gr.Radio([("Vary one setting", "vary"), ("Two prompts", "pair")], value="vary",
+                                                label="Compare", elem_id="sdviz-cmp-mode")
+                            cmp_vary = gr.Radio([("Guidance scale", "guidance"), ("Steps", "steps"),
+                                                 ("Scheduler", "scheduler"), ("Seed", "seed")], value="guidance",
+                                                label="Setting to vary", elem_id="sdviz-cmp-vary")
+                        cmp_values = gr.Textbox(compare_view.DEFAULT_VALUES["guidance"], max_lines=1,
+                                                label="Values (comma-separated, up to 4)", elem_id="sdviz-cmp-values")
+                        cmp_schedulers = gr.CheckboxGroup(list(SCHEDULERS), value=compare_view.DEFAULT_SCHEDULERS,
+                                                          label="Schedulers (up to 4)", visible=False,
+                                                          elem_id="sdviz-cmp-schedulers")
+                        cmp_prompt_b = gr.Textbox(label="Second prompt (the first is the Prompt above)", lines=1,
+                                                  visible=False, placeholder="a blue circle",
+                                                  elem_id="sdviz-cmp-prompt-b")
+                    with gr.Column(scale=2):
+                        cmp_word = gr.Dropdown([], value=None, allow_custom_value=True, elem_id="sdviz-cmp-word",
+                                               label="Word for the heatmaps (empty: the strongest / changed words)")
+                        cmp_step = gr.Slider(1, most_steps, value=most_steps, step=1, label="Shared step",
+                                             elem_id="sdviz-cmp-step")
+                        with gr.Row():
+                            cmp_run = gr.Button("Run comparison", variant="primary", elem_id="sdviz-cmp-run")
+                            cmp_stop = gr.Button("Stop", variant="stop", elem_id="sdviz-cmp-stop")
+                cmp_progress = gr.HTML(texts.progress_html(0, 1, 0, "Ready"), elem_id="sdviz-cmp-progress")
+                with gr.Row(equal_height=True):
+                    cmp_live = gr.Image(label="Live preview (x0 of the running variant)", interactive=False,
+                                        elem_id="sdviz-cmp-live", elem_classes="sdviz-fill", height=200, scale=1)
+                    cmp_gallery = gr.Gallery(label="Final images, as each variant finishes", columns=4, height=200,
+                                             elem_id="sdviz-cmp-gallery", format="png", scale=3,
+                                             object_fit="contain", buttons=["download", "fullscreen"])
+                cmp_notes = gr.Markdown(elem_id="sdviz-cmp-notes")
+                cmp_figure = gr.Image(label="Side by side: final image, x0 at the shared step, the word's heatmap "
+                                            "(one colour scale)", interactive=False, format="png",
+                                      elem_id="sdviz-cmp-figure", buttons=["download", "fullscreen"])
+                comparison_state = gr.State(None, time_to_live=STATE_TTL_S)
+
             with gr.Tab("How it works", id="how"):
                 gr.Markdown(texts.HOW)
                 shapes = gr.Markdown(views.shapes(None), elem_id="sdviz-shapes")
@@ -211,20 +264,14 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                 raise gr.Error(str(err)) from err
             for note in notes_before(settings):
                 gr.Info(note)
-            try:
-                with contextlib.closing(generate_streaming(models, model_name, settings, heads)) as events:
-                    for event in events:
-                        if not isinstance(event, Done):
-                            html = texts.progress_html(event.step, event.total, event.elapsed, event.message)
-                            yield {progress: html} if event.preview is None else {progress: html,
-                                                                                   preview: event.preview}
-                            continue
-                        yield finished(model_name, settings, event)
-            except (ModelUnavailableError, FileNotFoundError, TypeError) as err:
-                raise gr.Error(f"Can't use model {model_name!r}: {err}") from err
-            except Exception as err:
-                raise gr.Error(f"The generation failed inside the pipeline ({type(err).__name__}: {err}). "
-                               f"Nothing was lost; press Generate to try again.") from err
+            with pipeline_errors(model_name, "Generate"), \
+                    contextlib.closing(generate_streaming(models, model_name, settings, heads)) as events:
+                for event in events:
+                    if not isinstance(event, Done):
+                        html = texts.progress_html(event.step, event.total, event.elapsed, event.message)
+                        yield {progress: html} if event.preview is None else {progress: html, preview: event.preview}
+                        continue
+                    yield finished(model_name, settings, event)
 
         def finished(model_name, settings, done: Done):
             state = views.Session(done.run, np.asarray(done.image.convert("RGB")), model_name, settings.seed,
@@ -242,6 +289,58 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                 word: gr.Radio(choices=views.words_of(done.run), value=first), heat: heat_image,
                 notes: views.run_notes(state), session: state,
             }
+
+        @zero_gpu
+        def on_compare(mode, vary, values_text, scheduler_list, prompt_b, word_value, model_name, prompt_text,
+                       negative_text, scheduler_name, n_steps, scale, seed_text, rand, w, h):
+            try:
+                base = settings_from_form(models, model_name, prompt_text, negative_text, scheduler_name, n_steps,
+                                          scale, seed_text, rand, w, h)
+                vary, values = compare_view.plan(mode, vary, values_text, scheduler_list, base.prompt, prompt_b,
+                                                 models.preset(model_name).max_steps)
+                with pipeline_errors(model_name, "Run comparison"):
+                    pipe = models.pipeline(model_name)
+                compare_view.check_plan(pipe, word_value, base, vary, values)
+            except ValueError as err:
+                raise gr.Error(str(err)) from err
+            done = []
+            with pipeline_errors(model_name, "Run comparison"), \
+                    contextlib.closing(compare_streaming(models, model_name, base, vary, values)) as events:
+                for event in events:
+                    if isinstance(event, Tick):
+                        html = texts.progress_html(event.step, event.total, event.elapsed, event.message)
+                        yield {cmp_progress: html} if event.preview is None else {cmp_progress: html,
+                                                                                   cmp_live: event.preview}
+                    elif isinstance(event, VariantDone):
+                        done.append(event.variant)
+                        yield {cmp_gallery: compare_view.gallery(done)}
+                    else:
+                        yield compared(compare_view.Comparison(event.variants, vary), base, word_value, event.elapsed)
+
+        def compared(comparison, base, word_value, elapsed):
+            word_value = word_value or compare_view.default_word(comparison)
+            n, count = comparison.longest, len(comparison.variants)
+            return {
+                cmp_progress: texts.progress_html(1, 1, elapsed, f"Done: {count} variants in {elapsed:.1f} s"),
+                cmp_gallery: compare_view.gallery(comparison.variants),
+                cmp_figure: compare_view.figure(comparison, word_value, n),
+                cmp_word: gr.Dropdown(choices=compare_view.word_choices(comparison), value=word_value),
+                cmp_step: gr.Slider(maximum=n, value=n), cmp_notes: compare_view.settings_label(base, comparison.vary),
+                comparison_state: comparison,
+            }
+
+        @friendly
+        def on_compare_view(word_value, step_value, comparison):
+            return compare_view.figure(compare_view.require(comparison), word_value, step_value)
+
+        def on_compare_mode(mode, vary):
+            pair = mode == "pair"
+            return (gr.Radio(visible=not pair), gr.Textbox(visible=not pair and vary != "scheduler"),
+                    gr.CheckboxGroup(visible=not pair and vary == "scheduler"), gr.Textbox(visible=pair))
+
+        def on_compare_vary(vary):
+            return (gr.Textbox(value=compare_view.DEFAULT_VALUES.get(vary, ""), visible=vary != "scheduler"),
+                    gr.CheckboxGroup(visible=vary == "scheduler"))
 
         @friendly
         def after_run(state, word_value, alpha, colormap):
@@ -373,6 +472,22 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                          concurrency_limit=1)
         ask_image.select(on_ask, [session, *filter_inputs], ask_plot, api_visibility="private")
         files_btn.click(on_files, [word, *view_style], files, api_name="downloads")
+
+        cmp_mode.input(on_compare_mode, [cmp_mode, cmp_vary], [cmp_vary, cmp_values, cmp_schedulers, cmp_prompt_b],
+                       api_visibility="private", queue=False)
+        cmp_vary.input(on_compare_vary, cmp_vary, [cmp_values, cmp_schedulers], api_visibility="private", queue=False)
+        comparison = cmp_run.click(
+            on_compare,
+            [cmp_mode, cmp_vary, cmp_values, cmp_schedulers, cmp_prompt_b, cmp_word,
+             model, prompt, negative, scheduler, steps, guidance, seed, randomize, width, height],
+            [cmp_progress, cmp_live, cmp_gallery, cmp_figure, cmp_word, cmp_step, cmp_notes, comparison_state],
+            api_name="compare", concurrency_id=PIPELINE, concurrency_limit=1, show_progress="minimal",
+            show_progress_on=[cmp_progress],
+        )
+        cmp_stop.click(lambda: texts.progress_html(0, 1, 0, "Stopped. Press Run comparison to start again."),
+                       None, cmp_progress, cancels=[comparison], api_visibility="private", queue=False)
+        gr.on([cmp_word.input, cmp_step.input], on_compare_view, [cmp_word, cmp_step, comparison_state], cmp_figure,
+              api_name="compare_view", trigger_mode="always_last", show_progress="hidden")
 
     demo.queue(max_size=queue_size, default_concurrency_limit=2)
     return demo

@@ -67,3 +67,10 @@ def progress_html(step: int, total: int, elapsed: float, message: str = "") -> s
     share = 0 if total <= 0 else min(100, round(100 * step / total))
     text = message or f"Step {step} / {total} · {elapsed:.1f} s"
     return f'<div class="sdviz-progress"><div class="bar" style="width:{share}%"></div><span>{text}</span></div>'
+
+COMPARE = """**Compare.** Runs the prompt, model and settings of the form above several times, changing one
+thing: the guidance scale, the number of steps, the scheduler or the seed (up to four values) — or a second
+prompt a word apart (“a red circle” vs “a blue circle”). Each column shows the final image, the guess of the
+clean image **x0 at the shared step** (runs with fewer steps show the same point of denoising) and the word's
+heatmap on **one colour scale**, so warmer means more attention in every column. The step slider and the word
+re-draw the stored runs; the model does not run again."""
