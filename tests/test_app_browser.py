@@ -119,3 +119,40 @@ def test_readme_screenshot(page):
     path = SHOTS / "readme.png"
     page.screenshot(path=str(path), full_page=True)
     assert path.stat().st_size > 50_000
+
+
+def test_compare_tab_runs_guidance_variants_and_the_shared_step_redraws_them(page):
+    page.evaluate("window.scrollTo(0, 0)")
+    page.fill("#sdviz-prompt textarea", "a red circle on the left and a blue square on the right")
+    set_slider(page, "sdviz-steps", 6)
+    page.get_by_role("tab", name="Compare").click()
+    values = page.locator("#sdviz-cmp-values textarea, #sdviz-cmp-values input").first
+    assert values.input_value() == "1, 3, 7.5, 15"
+    page.locator("#sdviz-cmp-vary label", has_text="Steps").click()          # defaults follow the setting
+    page.wait_for_function("() => document.querySelector('#sdviz-cmp-values input, #sdviz-cmp-values textarea')"
+                           ".value === '5, 10, 20, 40'")
+    page.locator("#sdviz-cmp-vary label", has_text="Guidance scale").click()
+    page.wait_for_function("() => document.querySelector('#sdviz-cmp-values input, #sdviz-cmp-values textarea')"
+                           ".value === '1, 3, 7.5, 15'")
+    page.click("#sdviz-cmp-run")
+    page.wait_for_function("() => document.querySelector('#sdviz-cmp-progress').innerText.includes('Done: 4 variants')",
+                           timeout=120_000)
+    page.wait_for_selector("#sdviz-cmp-figure img")
+    assert page.locator("#sdviz-cmp-gallery img").count() == 4
+    gallery_text = page.inner_text("#sdviz-cmp-gallery")
+    assert "guidance 1" in gallery_text and "guidance 15" in gallery_text
+    page.locator("#sdviz-cmp-figure").scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "5-compare.png"), full_page=True)
+    before = src(page, "#sdviz-cmp-figure")
+    set_slider(page, "sdviz-cmp-step", 2)
+    page.wait_for_function(
+        "([sel, old]) => { const i = document.querySelector(sel); return i && i.src !== old; }",
+        arg=["#sdviz-cmp-figure img", before])
+    before = src(page, "#sdviz-cmp-figure")
+    page.locator("#sdviz-cmp-word input").click()
+    page.get_by_role("option", name="circle", exact=True).click()
+    page.wait_for_function(
+        "([sel, old]) => { const i = document.querySelector(sel); return i && i.src !== old; }",
+        arg=["#sdviz-cmp-figure img", before])
+    page.locator("#sdviz-cmp-figure").scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "6-compare-step-2-circle.png"), full_page=True)

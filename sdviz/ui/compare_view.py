@@ -136,7 +136,8 @@ def settings_label(base: Settings, vary: str) -> str:
     shared = {"prompt": f"“{base.prompt}”", "seed": f"seed {base.seed}", "steps": f"{base.steps} steps",
               "guidance": f"guidance {base.guidance:g}", "scheduler": base.scheduler or "the model's scheduler"}
     shared.pop(vary, None)
-    return "Same " + ", ".join(shared.values())
+    return ("**Below, one column per variant:** final image, x0 at the shared step, the word's heatmap "
+            "(one colour scale). Same " + ", ".join(shared.values()))
 
 
 # -- what the tab shows -------------------------------------------------------------------------------

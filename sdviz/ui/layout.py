@@ -224,15 +224,15 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                             cmp_run = gr.Button("Run comparison", variant="primary", elem_id="sdviz-cmp-run")
                             cmp_stop = gr.Button("Stop", variant="stop", elem_id="sdviz-cmp-stop")
                 cmp_progress = gr.HTML(texts.progress_html(0, 1, 0, "Ready"), elem_id="sdviz-cmp-progress")
-                with gr.Row(equal_height=True):
+                with gr.Row(equal_height=False):
                     cmp_live = gr.Image(label="Live preview (x0 of the running variant)", interactive=False,
                                         elem_id="sdviz-cmp-live", elem_classes="sdviz-fill", height=200, scale=1)
-                    cmp_gallery = gr.Gallery(label="Final images, as each variant finishes", columns=4, height=200,
+                    cmp_gallery = gr.Gallery(label="Final images, as each variant finishes", columns=4, height=240,
                                              elem_id="sdviz-cmp-gallery", format="png", scale=3,
                                              object_fit="contain", buttons=["download", "fullscreen"])
                 cmp_notes = gr.Markdown(elem_id="sdviz-cmp-notes")
-                cmp_figure = gr.Image(label="Side by side: final image, x0 at the shared step, the word's heatmap "
-                                            "(one colour scale)", interactive=False, format="png",
+                # No floating label: it would cover the columns' titles (the rows are labelled in the figure).
+                cmp_figure = gr.Image(label="Side by side", show_label=False, interactive=False, format="png",
                                       elem_id="sdviz-cmp-figure", buttons=["download", "fullscreen"])
                 comparison_state = gr.State(None, time_to_live=STATE_TTL_S)
 
