@@ -61,7 +61,7 @@ def position_ok(mask: np.ndarray, position: str) -> bool:
     ys, xs = np.nonzero(mask)
     h, w = mask.shape
     cx, cy = xs.mean() / w, ys.mean() / h
-    return {"on the left": cx < 0.5, "on the right": cx > 0.5, "at the top": cy < 0.5, "at the bottom": cy > 0.5}[position]
+    return bool({"on the left": cx < 0.5, "on the right": cx > 0.5, "at the top": cy < 0.5, "at the bottom": cy > 0.5}[position])
 
 
 def localisation(run, caption: str, masks: list[np.ndarray | None], steps) -> list[dict]:
@@ -109,7 +109,7 @@ def evaluate_generated(pipe, captions, seeds, guidance: float, steps: int, size:
             seg = segment(np.asarray(image))
             found = colours_present(seg)
             masks = [seg[o.colour] if o.colour in found else None for o in objects]
-            shapes = [classify_shape(m) == o.shape for o, m in zip(objects, masks) if m is not None]
+            shapes = [bool(classify_shape(m) == o.shape) for o, m in zip(objects, masks) if m is not None]
             places = [position_ok(m, o.position) for o, m in zip(objects, masks) if m is not None and o.position]
             rows.append({"caption": caption, "seed": seed, "all_colours": asked <= found, "no_extra": found <= asked,
                          "shapes": shapes, "positions": places})
@@ -118,6 +118,8 @@ def evaluate_generated(pipe, captions, seeds, guidance: float, steps: int, size:
         "images": len(rows),
         "all_colours_present": _mean(r["all_colours"] for r in rows),
         "no_extra_colour": _mean(r["no_extra"] for r in rows),
+        "all_colours_present_one_object": _mean(r["all_colours"] for r in rows if " and " not in r["caption"]),
+        "all_colours_present_several_objects": _mean(r["all_colours"] for r in rows if " and " in r["caption"]),
         "shape_correct": _mean(s for r in rows for s in r["shapes"]),
         "position_correct": _mean(p for r in rows for p in r["positions"]),
         **_loc_summary(loc),
@@ -187,6 +189,9 @@ def table(r: dict) -> str:
         ("VAE PSNR (dB), held-out scenes", r["vae_psnr_db"], "vae_psnr_db", "{:.1f}"),
         ("generated: every requested colour present", g["all_colours_present"], "all_colours_present", "{:.1%}"),
         ("generated: no unrequested colour", g["no_extra_colour"], "no_extra_colour", "{:.1%}"),
+        ("generated: every requested colour, 1-object captions", g["all_colours_present_one_object"], None, "{:.1%}"),
+        ("generated: every requested colour, 2–3-object captions", g["all_colours_present_several_objects"], None,
+         "{:.1%}"),
         ("generated: shape right (object found)", g["shape_correct"], None, "{:.1%}"),
         ("generated: position right (object found)", g["position_correct"], None, "{:.1%}"),
         ("generated: pointing game, colour words", g["pointing_colour"], "pointing_colour", "{:.1%}"),

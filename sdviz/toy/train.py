@@ -108,9 +108,12 @@ def train_vae(vae, images: torch.Tensor, args, log) -> None:
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.vae_steps, args.vae_lr, 100)
-        x = images[torch.randint(len(images), (args.vae_batch,), generator=gen)]  # [b, 3, H, W]
-        # Random crops (on the latent grid) cost a quarter of whole images and hold the same edges.
-        c = args.vae_crop
+        # Random crops (on the latent grid) cost a quarter of whole images and hold the same edges;
+        # the last steps see whole images (fewer per batch, same cost), because GroupNorm statistics
+        # and the image border differ between a crop and the whole image.
+        c = args.vae_crop if step < args.vae_steps - args.vae_full_steps else images.shape[-1]
+        n = max(1, args.vae_batch * c * c // images.shape[-1] ** 2) if c == images.shape[-1] else args.vae_batch
+        x = images[torch.randint(len(images), (n,), generator=gen)]  # [n, 3, H, W]
         if c < x.shape[-1]:
             i, j = (4 * torch.randint((x.shape[-1] - c) // 4 + 1, (2,), generator=gen)).tolist()
             x = x[:, :, i:i + c, j:j + c]
@@ -249,25 +252,29 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny data and a few steps of each stage: checks the code end to end")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--scenes", type=int, default=20000, help="training scenes rendered (and encoded once)")
-    p.add_argument("--vae-steps", type=int, default=2500, help="VAE optimisation steps")
+    p.add_argument("--vae-steps", type=int, default=1900, help="VAE optimisation steps")
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-crop", type=int, default=32, help="side of the random crops the VAE trains on")
+    p.add_argument("--vae-full-steps", type=int, default=400,
+                   help="the last VAE steps train on whole images, as many pixels per batch as the crops")
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-kl", type=float, default=1e-6, help="KL weight of the VAE loss")
     p.add_argument("--vae-from", type=Path, default=None, help="reuse the VAE of this pipeline folder, skipping stage 1")
-    p.add_argument("--steps", type=int, default=4000, help="UNet + text encoder steps")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--unet-from", type=Path, default=None,
+                   help="start the text encoder and UNet from this pipeline folder instead of from scratch")
+    p.add_argument("--steps", type=int, default=2400, help="UNet + text encoder steps")
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps, then cosine to 10 %%")
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
+    p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (for guidance)")
-    p.add_argument("--attn-loss", type=float, default=0.0,
+    p.add_argument("--attn-loss", type=float, default=1.0,
                    help="weight of the loss pulling object words' cross-attention into their masks (0: off)")
     p.add_argument("--channels", type=int, nargs=2, default=(32, 64), help="UNet block widths")
     p.add_argument("--text-dim", type=int, default=64, help="text encoder width = cross-attention width")
     args = p.parse_args(argv)
     if args.quick:
-        args.scenes, args.vae_steps, args.steps, args.vae_batch, args.batch = 64, 3, 3, 4, 4
+        args.scenes, args.vae_steps, args.vae_full_steps, args.steps, args.vae_batch, args.batch = 64, 3, 1, 3, 4, 4
         args.channels, args.warmup = (16, 32), 2
     return args
 
@@ -298,8 +305,12 @@ def main(argv=None) -> None:
     args.scaling = float(1 / latents.std())
     vae.register_to_config(scaling_factor=args.scaling)
     tokenizer = build_tokenizer(world.WORDS)
-    text_encoder = build_text_encoder(tokenizer, args.text_dim)
-    unet = build_unet(latents.shape[-1], tuple(args.channels), args.text_dim)
+    if args.unet_from:  # continue training (warm restart of the LR schedule, fresh optimiser)
+        text_encoder = CLIPTextModel.from_pretrained(args.unet_from / "text_encoder", dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(args.unet_from, subfolder="unet").float()
+    else:
+        text_encoder = build_text_encoder(tokenizer, args.text_dim)
+        unet = build_unet(latents.shape[-1], tuple(args.channels), args.text_dim)
     ids, owner, masks = token_targets(scenes, tokenizer, latents.shape[-1])
     unet, text_encoder = train_unet(unet, text_encoder, latents, ids, owner, masks, args, log)
     save(args.out, vae, text_encoder, tokenizer, unet)
