@@ -48,12 +48,8 @@ def colours_present(seg: dict[str, np.ndarray]) -> set[str]:
 def classify_shape(mask: np.ndarray) -> str:
     """Circle, square or triangle from how much of its bounding box the shape fills (π/4, 1, 1/2)."""
     ys, xs = np.nonzero(mask)
-    # Percentiles, so that a few stray pixels elsewhere do not stretch the box.
-    y0, y1 = np.percentile(ys, [1, 99])
-    x0, x1 = np.percentile(xs, [1, 99])
-    box = mask[int(y0):int(y1) + 1, int(x0):int(x1) + 1]
-    fill = box.mean()
-    return "square" if fill > 0.88 else "circle" if fill > 0.64 else "triangle"
+    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    return "square" if fill > 0.93 else "circle" if fill > 0.67 else "triangle"
 
 
 def position_ok(mask: np.ndarray, position: str) -> bool:

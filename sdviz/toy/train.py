@@ -48,6 +48,17 @@ def build_vae(size: int) -> AutoencoderKL:
     )
 
 
+def world_tokenizer():
+    """A CLIP tokenizer that spells every word of the shapes world as one token."""
+    # Longest words first: BPE applies merges by rank, so "red"'s r+e merge, ranked before "green"'s
+    # g+r, would otherwise split "green" into g·re·e·n.
+    tokenizer = build_tokenizer(sorted(world.WORDS, key=len, reverse=True))
+    split = [w for w in world.WORDS if len(tokenizer(w).input_ids) != 3]
+    if split:
+        raise RuntimeError(f"the tokenizer splits {split} into several tokens")
+    return tokenizer
+
+
 def build_text_encoder(tokenizer, hidden: int) -> CLIPTextModel:
     return CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
@@ -304,7 +315,7 @@ def main(argv=None) -> None:
     # Like SD's 0.18215: scale latents to unit variance for the diffusion schedule.
     args.scaling = float(1 / latents.std())
     vae.register_to_config(scaling_factor=args.scaling)
-    tokenizer = build_tokenizer(world.WORDS)
+    tokenizer = world_tokenizer()
     if args.unet_from:  # continue training (warm restart of the LR schedule, fresh optimiser)
         text_encoder = CLIPTextModel.from_pretrained(args.unet_from / "text_encoder", dtype=torch.float32)
         unet = UNet2DConditionModel.from_pretrained(args.unet_from, subfolder="unet").float()
