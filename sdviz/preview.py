@@ -2,24 +2,32 @@
 
 Stable Diffusion 1.x/2.x and SDXL use published factors (Keturn's least-squares fit for SD's VAE,
 as distributed in ComfyUI's `latent_formats.py`). Any other VAE (the built-in shapes model, test
-models) gets its own least-squares fit: encode flat colour patches, regress RGB on the mean latent.
+models) gets a least-squares fit: encode calibration images, regress RGB on the latent. A model folder
+can ship its own factors in the VAE config (the built-in model does, fitted on its training images).
 """
 
 from __future__ import annotations
 
-import itertools
-
 import torch
+import torch.nn.functional as F
 
 # rows: latent channels 0..3; columns: R, G, B; output in [-1, 1]
 _SD_FACTORS = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
 _SDXL_FACTORS = [[0.3920, 0.4054, 0.4549], [-0.2634, -0.0196, 0.0653], [0.0568, 0.1687, -0.0755], [-0.3112, -0.2359, -0.2076]]
 _SD_VAE_CHANNELS = [128, 256, 512, 512]
+CONFIG_KEY = "_sdviz_latent_rgb"   # kept by diffusers in a VAE's config.json (private keys survive loading)
 
 
 def latent_rgb_factors(pipe) -> torch.Tensor:
-    """[C + 1, 3] float32: the weights of each latent channel, then the bias row."""
+    """[C + 1, 3] float32: the weights of each latent channel, then the bias row.
+
+    In order: factors the model folder ships (`_sdviz_latent_rgb` in the VAE's config.json, as the
+    built-in model does), the published factors for SD's own VAE, else a fit to this VAE.
+    """
     vae, unet = pipe.vae, pipe.unet
+    shipped = vae.config.get(CONFIG_KEY)
+    if shipped is not None:
+        return torch.tensor(shipped, dtype=torch.float32)
     real_sd_vae = list(vae.config.block_out_channels) == _SD_VAE_CHANNELS and vae.config.latent_channels == 4
     if real_sd_vae:
         sdxl = unet.config.get("addition_embed_type") == "text_time"
@@ -28,18 +36,29 @@ def latent_rgb_factors(pipe) -> torch.Tensor:
     return fit_latent_rgb(vae)
 
 
+def calibration_images(size: int = 32, smooth: int = 8, seed: int = 0) -> torch.Tensor:
+    """[27 + smooth, 3, size, size] in [0, 1]: the 27 flat colours of {0, ½, 1}³ and smooth random colour fields."""
+    levels = torch.tensor((0.0, 0.5, 1.0))
+    flat = torch.cartesian_prod(levels, levels, levels)[:, :, None, None].expand(-1, -1, size, size)
+    coarse = torch.rand(smooth, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
+    fields = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    return torch.cat([flat, fields])
+
+
 @torch.no_grad()
-def fit_latent_rgb(vae, size: int = 16) -> torch.Tensor:
-    """Least-squares latent → RGB map of `vae` from 27 flat colours (a few ms for small VAEs)."""
-    levels = (0.0, 0.5, 1.0)
-    colours = torch.tensor(list(itertools.product(levels, repeat=3)))                # [27, 3]
-    images = colours[:, :, None, None].expand(-1, -1, size, size) * 2 - 1            # [27, 3, s, s] in [-1, 1]
+def fit_latent_rgb(vae, images: torch.Tensor | None = None) -> torch.Tensor:
+    """Least-squares latent → RGB map of `vae`: encode `images` ([N, 3, H, W] in [0, 1]; default
+    `calibration_images()`), pool each image to latent size, regress RGB on the latent per position."""
+    images = calibration_images() if images is None else images
     param = next(vae.parameters())
-    latents = vae.encode(images.to(param.device, param.dtype)).latent_dist.mean.float().cpu()
-    latents = latents * vae.config.scaling_factor                                    # [27, C, h, w]
-    x = latents.mean(dim=(2, 3))                                                     # [27, C] (flat: one colour)
-    x = torch.cat([x, torch.ones(len(x), 1)], dim=1)                                 # [27, C + 1]
-    return torch.linalg.lstsq(x, colours * 2 - 1).solution.float()                   # [C + 1, 3]
+    target = images.float() * 2 - 1                                                  # [N, 3, H, W] in [-1, 1]
+    latents = vae.encode(target.to(param.device, param.dtype)).latent_dist.mean.float().cpu()
+    latents = latents * vae.config.scaling_factor                                    # [N, C, h, w]
+    target = F.adaptive_avg_pool2d(target, latents.shape[-2:])                       # [N, 3, h, w]
+    x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])                    # [N·h·w, C]
+    x = torch.cat([x, torch.ones(len(x), 1)], dim=1)                                 # [N·h·w, C + 1]
+    y = target.permute(0, 2, 3, 1).reshape(-1, 3)                                    # [N·h·w, 3]
+    return torch.linalg.lstsq(x, y).solution.float()                                 # [C + 1, 3]
 
 
 def latent_to_rgb(latent: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:

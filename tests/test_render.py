@@ -128,3 +128,16 @@ def test_word_shares_and_attention_over_time(traced_run):
     assert [ax.get_title() for ax in grid.axes] == [w.text for w in run.words]
     strip = render.step_strip(run, count=3)
     assert len(strip.axes) == 3
+
+
+def test_factors_shipped_in_the_vae_config_are_used(sd1_pipe, tmp_path):
+    from sdviz.preview import CONFIG_KEY, latent_rgb_factors
+    from sdviz.random_models import build_random_pipeline
+
+    pipe = build_random_pipeline("sd1")
+    factors = torch.arange(15, dtype=torch.float32).reshape(5, 3) / 10
+    pipe.vae.register_to_config(**{CONFIG_KEY: factors.tolist()})
+    pipe.save_pretrained(tmp_path)
+    loaded = sdviz.load_pipeline(str(tmp_path), device="cpu")
+    assert torch.equal(latent_rgb_factors(loaded), factors)
+    assert not torch.equal(latent_rgb_factors(sd1_pipe), factors)
