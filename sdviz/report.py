@@ -204,7 +204,7 @@ each word's meaning in its context.</li>
 <i>latent</i> grid (see “The latent” below).</li>
 <li><b>U-Net.</b> A neural network called a U-Net looks at the noisy latent and predicts the noise in it. Through
 <i>cross-attention</i> it reads the token vectors, so each word can steer some regions of the picture
-(see “Where each word looked”).</li>
+{'(see “Where each word looked”)' if shown else '(this prompt has no words: the run was unconditional)'}.</li>
 <li><b>Scheduler.</b> The scheduler ({e(scheduler)}) removes part of the predicted noise, and the U-Net looks again:
 {run.num_steps} steps from noise to picture (see “Step by step” and “The noise schedule”).</li>
 <li><b>VAE decoder.</b> The final latent is turned into pixels by the decoder of a VAE (variational autoencoder).</li>

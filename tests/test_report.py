@@ -146,3 +146,10 @@ def test_a_saved_trace_makes_the_same_report(traced, tmp_path):
     one_word = dict(words=["circle"])                                    # fewer pictures: a faster test
     assert (report.report_html(loaded, image, settings, **one_word)
             == report.report_html(run, image, settings, **one_word))
+
+
+def test_an_unconditional_run_says_so_and_points_to_no_missing_section(sd1_pipe):
+    image, run = sdviz.generate(sd1_pipe, sdviz.Settings("", steps=2, width=SIZE, height=SIZE))
+    html = report.report_html(run, image, sdviz.Settings("", steps=2))
+    assert "run was unconditional" in html
+    assert "Where each word looked" not in html
