@@ -78,11 +78,17 @@ def words_of(run: TraceResult, negative: bool = False) -> list[str]:
     return list(dict.fromkeys(w.text for w in (run.negative_words if negative else run.words)))
 
 
+# Words whose maps rarely say anything on their own; skipped when choosing the first heatmap.
+FUNCTION_WORDS = frozenset("a an the and of on in at to with above below under over , .".split())
+
+
 def strongest_word(run: TraceResult) -> str | None:
-    """The word that got the largest share of attention over the run: a telling first heatmap."""
+    """The content word that got the largest share of attention over the run: a telling first heatmap."""
     if not run.words:
         return None
-    return run.words[int(np.argmax(run.word_shares().mean(0)))].text
+    shares = run.word_shares().mean(0)
+    content = [i for i, w in enumerate(run.words) if w.text.lower() not in FUNCTION_WORDS] or range(len(run.words))
+    return run.words[max(content, key=lambda i: shares[i])].text
 
 
 def token_chips(run: TraceResult) -> list[tuple[str, str]]:

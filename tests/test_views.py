@@ -1,0 +1,15 @@
+"""Small view helpers of the app that need no server."""
+
+import sdviz
+from sdviz.ui import views
+
+from conftest import SIZE
+
+
+def test_the_first_heatmap_is_the_strongest_content_word(sd1_pipe):
+    _, run = sdviz.generate(sd1_pipe, sdviz.Settings("a red circle on the left", steps=2, width=SIZE, height=SIZE))
+    shares = run.word_shares().mean(0)
+    content = {w.text: shares[w.index] for w in run.words if w.text not in ("a", "on", "the")}
+    assert views.strongest_word(run) == max(content, key=content.get)
+    _, only_a = sdviz.generate(sd1_pipe, sdviz.Settings("a", steps=2, width=SIZE, height=SIZE))
+    assert views.strongest_word(only_a) == "a"
