@@ -90,6 +90,8 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                 negative = gr.Textbox(label="Negative prompt (what to steer away from)", lines=1)
                 model = gr.Dropdown([(p.label, name) for name, p in models.choices.items()], value=models.default,
                                     label="Model", allow_custom_value=True, elem_id="sdviz-model")
+                model_note = gr.Markdown(views.model_note(models.choices.get(models.default)),
+                                         elem_id="sdviz-model-note")
                 with gr.Row():
                     scheduler = gr.Dropdown(list(SCHEDULERS), value=preset.scheduler, label="Scheduler",
                                             allow_custom_value=True, scale=2)
@@ -252,7 +254,7 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
             side = max_side(p.size)
             return (gr.Slider(maximum=p.max_steps, value=p.steps), gr.Slider(value=p.guidance),
                     gr.Slider(maximum=side, value=p.size), gr.Slider(maximum=side, value=p.size),
-                    gr.Dropdown(value=p.scheduler))
+                    gr.Dropdown(value=p.scheduler), views.model_note(p))
 
         @zero_gpu
         def on_generate(model_name, prompt_text, negative_text, scheduler_name, n_steps, scale, seed_text, rand,
@@ -436,7 +438,8 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
             return views.downloads(state, heat_image)
 
         # -- wiring ---------------------------------------------------------------------------------
-        model.change(apply_preset, model, [steps, guidance, width, height, scheduler], api_visibility="private")
+        model.change(apply_preset, model, [steps, guidance, width, height, scheduler, model_note],
+                     api_visibility="private")
         generation = gr.on(
             [run_btn.click, prompt.submit], on_generate,
             [model, prompt, negative, scheduler, steps, guidance, seed, randomize, width, height, per_head, session],

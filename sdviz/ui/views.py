@@ -78,6 +78,20 @@ def words_of(run: TraceResult, negative: bool = False) -> list[str]:
     return list(dict.fromkeys(w.text for w in (run.negative_words if negative else run.words)))
 
 
+def model_note(preset) -> str:
+    """What to type for this model: the built-in model knows only its shapes-world grammar."""
+    from ..loading import TOY_MODEL_DIR
+
+    if preset is None or Path(preset.source).resolve() != TOY_MODEL_DIR.resolve():
+        return ""
+    from ..toy.world import VOCABULARY
+
+    words = " · ".join(f"*{kind}*: " + ", ".join(values) for kind, values in VOCABULARY.items() if kind != "joiner")
+    return ("**Built-in shapes-world model** — a tiny Stable Diffusion trained here on flat shapes. It knows: "
+            f"{words}. Write objects as *a [size] colour shape [position]*, up to three joined by *and*, "
+            "e.g. *a small blue square on the left and a yellow triangle*.")
+
+
 # Words whose maps rarely say anything on their own; skipped when choosing the first heatmap.
 FUNCTION_WORDS = frozenset("a an the and of on in at to with above below under over , .".split())
 
