@@ -61,18 +61,22 @@ def build_tokenizer(words=COMMON_WORDS, model_max_length: int = 77) -> CLIPToken
     for s in symbols:
         vocab.setdefault(s + "</w>", len(vocab))
     merges: list[tuple[str, str]] = []
-    seen = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
         chars = [symbols[b] for b in word.encode("utf-8")]
         pieces = chars[:-1] + [chars[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            pair = (left, right)
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
-            left = left + right
-            vocab.setdefault(left, len(vocab))
+        # Run BPE with the merges so far, then add merges until the word is one token. Earlier words
+        # stay whole: each of their steps has a better-ranked merge than any added later.
+        while len(pieces) > 1:
+            known = [(ranks[pair], i) for i, pair in enumerate(zip(pieces, pieces[1:])) if pair in ranks]
+            if known:
+                i = min(known)[1]
+            else:
+                i = 0
+                ranks[(pieces[0], pieces[1])] = len(merges)
+                merges.append((pieces[0], pieces[1]))
+                vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)

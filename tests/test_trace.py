@@ -122,6 +122,14 @@ def test_heatmap_of_a_word_is_its_own_tokens_not_a_neighbours(sd1_pipe):
         run.heatmap("dog")
 
 
+def test_the_test_tokenizer_keeps_every_listed_word_whole_whatever_the_order():
+    from sdviz.random_models import COMMON_WORDS, build_tokenizer
+
+    for words in (COMMON_WORDS, sorted(COMMON_WORDS), sorted(COMMON_WORDS, key=len)):
+        tokenizer = build_tokenizer(words)
+        assert [w for w in COMMON_WORDS if len(tokenizer(w).input_ids) != 3] == []
+
+
 def test_heatmap_aggregation_matches_its_docstring(sd1_pipe):
     _, run = traced(sd1_pipe)
     idx = run.token_indices("circle")
