@@ -27,6 +27,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from sdviz.preview import CONFIG_KEY as PREVIEW_KEY, fit_latent_rgb
 from sdviz.random_models import build_tokenizer
 from sdviz.toy import world
 
@@ -239,7 +240,16 @@ def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log):
     return ema_unet.eval(), ema_text.eval()
 
 
+def preview_factors(vae, n: int = 256, seed: int = 0) -> list:
+    """The latent → RGB map the app's fast previews use, fitted on shapes-world scenes (see sdviz.preview)."""
+    scenes = world.sample_scenes(n, seed=seed)
+    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255
+    return fit_latent_rgb(vae.float(), images).tolist()
+
+
 def save(out: Path, vae, text_encoder, tokenizer, unet) -> None:
+    # Shipped with the VAE's config, where sdviz.preview looks first.
+    vae.register_to_config(**{PREVIEW_KEY: preview_factors(vae)})
     pipe = StableDiffusionPipeline(
         vae=vae.half(), text_encoder=text_encoder.half(), tokenizer=tokenizer, unet=unet.half(),
         scheduler=DDIMScheduler(**SD_SCHEDULE), safety_checker=None, feature_extractor=None,
