@@ -81,3 +81,13 @@ def app_server():
     finally:
         demo.close()
         handle.remove()
+
+
+@pytest.fixture
+def client(app_server):
+    """A gradio_client Client of the in-process app (one per test: its own session and state)."""
+    from gradio_client import Client
+
+    c = Client(app_server.url, verbose=False)
+    yield c
+    c.close()

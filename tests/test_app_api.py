@@ -50,13 +50,6 @@ def word_choices(update) -> list[str]:
     return [value for _, value in update["choices"]]
 
 
-@pytest.fixture
-def client(app_server):
-    c = Client(app_server.url, verbose=False)
-    yield c
-    c.close()
-
-
 @pytest.fixture(scope="module")
 def reference(app_server):
     """A fresh start's image for the standard request (nothing has been cancelled or failed yet)."""

@@ -39,6 +39,13 @@ def src(page, selector: str) -> str | None:
     return img.get_attribute("src") if img else None
 
 
+def wait_image_changes(page, selector: str, old: str | None):
+    """Wait until the image inside `selector` has a src other than `old`."""
+    page.wait_for_function(
+        "([sel, old]) => { const i = document.querySelector(sel); return i && i.src !== old; }",
+        arg=[f"{selector} img", old])
+
+
 def set_slider(page, elem_id: str, value: int):
     box = page.locator(f"#{elem_id} input[type=number]")
     box.scroll_into_view_if_needed()
@@ -75,9 +82,7 @@ def test_clicking_a_word_changes_the_heatmap(page):
     target = "square" if "square" not in (page.locator("#sdviz-words input:checked").get_attribute("value") or "") \
         else "red"
     page.locator("#sdviz-words label", has_text=target).first.click()
-    page.wait_for_function(
-        "([sel, old]) => { const i = document.querySelector(sel); return i && i.src !== old; }",
-        arg=["#sdviz-heatmap img", before])
+    wait_image_changes(page, "#sdviz-heatmap", before)
     page.locator("#sdviz-ask img").click(position={"x": 60, "y": 200})     # "Ask the image"
     page.wait_for_selector("#sdviz-ask-plot img")
     page.locator("#sdviz-heatmap").scroll_into_view_if_needed()
@@ -92,9 +97,7 @@ def test_scrubbing_steps_shows_previews_latent_channels_and_schedule(page):
     before = {sel: src(page, sel) for sel in ("#sdviz-x0", "#sdviz-schedule", "#sdviz-zchannels")}
     set_slider(page, "sdviz-step", 3)
     page.wait_for_function("() => document.querySelector('#sdviz-step-caption').innerText.includes('Step 3 of')")
-    page.wait_for_function(
-        "([sel, old]) => { const i = document.querySelector(sel); return i && i.src !== old; }",
-        arg=["#sdviz-schedule img", before["#sdviz-schedule"]])
+    wait_image_changes(page, "#sdviz-schedule", before["#sdviz-schedule"])
     after = {sel: src(page, sel) for sel in before}
     assert all(after[sel] and after[sel] != before[sel] for sel in before), (before, after)
     page.click("#sdviz-decode")
@@ -145,14 +148,10 @@ def test_compare_tab_runs_guidance_variants_and_the_shared_step_redraws_them(pag
     page.screenshot(path=str(SHOTS / "5-compare.png"), full_page=True)
     before = src(page, "#sdviz-cmp-figure")
     set_slider(page, "sdviz-cmp-step", 2)
-    page.wait_for_function(
-        "([sel, old]) => { const i = document.querySelector(sel); return i && i.src !== old; }",
-        arg=["#sdviz-cmp-figure img", before])
+    wait_image_changes(page, "#sdviz-cmp-figure", before)
     before = src(page, "#sdviz-cmp-figure")
     page.locator("#sdviz-cmp-word input").click()
     page.get_by_role("option", name="circle", exact=True).click()
-    page.wait_for_function(
-        "([sel, old]) => { const i = document.querySelector(sel); return i && i.src !== old; }",
-        arg=["#sdviz-cmp-figure img", before])
+    wait_image_changes(page, "#sdviz-cmp-figure", before)
     page.locator("#sdviz-cmp-figure").scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "6-compare-step-2-circle.png"), full_page=True)

@@ -43,13 +43,6 @@ def captions(out) -> list[str]:
     return [item["caption"] for item in out["gallery"]]
 
 
-@pytest.fixture
-def client(app_server):
-    c = Client(app_server.url, verbose=False)
-    yield c
-    c.close()
-
-
 @pytest.fixture(scope="module")
 def reference(app_server):
     """A single run's image before anything in this module was cancelled."""

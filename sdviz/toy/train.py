@@ -51,8 +51,8 @@ def build_vae(size: int) -> AutoencoderKL:
 
 def world_tokenizer():
     """A CLIP tokenizer that spells every word of the shapes world as one token."""
-    # Longest words first: BPE applies merges by rank, so "red"'s r+e merge, ranked before "green"'s
-    # g+r, would otherwise split "green" into g·re·e·n.
+    # build_tokenizer keeps every word whole in any order; longest-first is the order the shipped
+    # model's vocabulary was built in, so a retrain gets the same token ids.
     tokenizer = build_tokenizer(sorted(world.WORDS, key=len, reverse=True))
     split = [w for w in world.WORDS if len(tokenizer(w).input_ids) != 3]
     if split:
