@@ -183,8 +183,9 @@ def attention_loss(probes, owner: torch.Tensor, masks: torch.Tensor) -> torch.Te
     return torch.stack(losses).mean()
 
 
-def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log):
-    """Returns EMA copies of (unet, text_encoder)."""
+def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkpoint=None):
+    """Returns EMA copies of (unet, text_encoder); `checkpoint(step, unet, text_encoder)` gets EMA copies
+    every `args.save_every` steps."""
     sched = DDIMScheduler(**SD_SCHEDULE)
     alphas = sched.alphas_cumprod  # [1000]
     snr = alphas / (1 - alphas)
@@ -236,6 +237,10 @@ def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log):
         if step % 50 == 0 or step == args.steps - 1:
             log({"stage": "unet", "step": step, "loss": round(loss_mse.item(), 5), "attn": round(loss_attn.item(), 4)})
             bar.set_postfix(loss=f"{loss_mse.item():.4f}", attn=f"{loss_attn.item():.3f}")
+        if checkpoint and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            snapshot = copy.deepcopy(ema_unet)
+            snapshot.set_attn_processor(AttnProcessor2_0())
+            checkpoint(step + 1, snapshot.eval(), copy.deepcopy(ema_text).eval())
     ema_unet.set_attn_processor(AttnProcessor2_0())
     return ema_unet.eval(), ema_text.eval()
 
@@ -291,6 +296,8 @@ def parse_args(argv=None):
     p.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (for guidance)")
     p.add_argument("--attn-loss", type=float, default=1.0,
                    help="weight of the loss pulling object words' cross-attention into their masks (0: off)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="also save the EMA pipeline every N UNet steps, to OUT/checkpoints/step-N (0: only at the end)")
     p.add_argument("--channels", type=int, nargs=2, default=(32, 64), help="UNet block widths")
     p.add_argument("--text-dim", type=int, default=64, help="text encoder width = cross-attention width")
     args = p.parse_args(argv)
@@ -333,7 +340,11 @@ def main(argv=None) -> None:
         text_encoder = build_text_encoder(tokenizer, args.text_dim)
         unet = build_unet(latents.shape[-1], tuple(args.channels), args.text_dim)
     ids, owner, masks = token_targets(scenes, tokenizer, latents.shape[-1])
-    unet, text_encoder = train_unet(unet, text_encoder, latents, ids, owner, masks, args, log)
+
+    def checkpoint(step, unet_copy, text_copy):
+        save(args.out / "checkpoints" / f"step-{step}", copy.deepcopy(vae), text_copy, tokenizer, unet_copy)
+
+    unet, text_encoder = train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkpoint)
     save(args.out, vae, text_encoder, tokenizer, unet)
     summary = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "vae_seconds": round(vae_time), "total_seconds": round(time.time() - start)}
