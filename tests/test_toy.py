@@ -91,6 +91,26 @@ def test_shape_classifier_recognises_rendered_shapes():
     assert np.mean(results) == 1.0
 
 
+def test_score_map_hits_and_overlaps_only_where_the_map_is():
+    mask = np.zeros((64, 64), bool)
+    mask[10:20, 30:44] = True
+    assert evaluate.score_map(mask.astype(np.float32), mask) == (True, 1.0)
+    shifted = np.roll(mask, 5, axis=0)  # half the rows overlap: IoU = 5·14 / (15·14)
+    hit, iou = evaluate.score_map(shifted.astype(np.float32), mask)
+    assert hit and iou == pytest.approx(5 / 15)
+    elsewhere = np.roll(mask, 30, axis=1).astype(np.float32)
+    assert evaluate.score_map(elsewhere, mask) == (False, 0.0)
+
+
+def test_a_perfect_map_at_the_models_attention_grids_can_reach_the_targets(pipe):
+    # The mask itself, pooled to 16×16 and 8×8 like the attention layers, is the best any map can do:
+    # it must clear the targets, or they could not be met by any training.
+    ceiling = evaluate.ideal_map_ceiling(pipe, world.sample_scenes(20, seed=99, heldout=True))
+    assert sorted(set(ceiling["grids"])) == [8, 16] and len(ceiling["grids"]) == 7
+    assert ceiling["pointing"] >= evaluate.TARGETS["pointing_colour"]
+    assert evaluate.TARGETS["miou"] <= ceiling["miou"] < 1.0
+
+
 # -- the shipped model ------------------------------------------------------------------------------
 
 def test_shipped_model_is_a_small_fp16_diffusers_folder_that_loads_offline(pipe):
@@ -136,7 +156,10 @@ def test_traced_generation_heatmaps_of_colour_and_shape_words_peak_on_the_object
 # -- training ---------------------------------------------------------------------------------------
 
 def test_quick_training_runs_end_to_end_and_saves_a_loadable_pipeline(tmp_path):
-    train.main(["--quick", "--out", str(tmp_path)])
+    train.main(["--quick", "--out", str(tmp_path), "--save-every", "2"])
+    # --quick trains 3 UNet steps: one checkpoint at step 2, then the final pipeline.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2"]
+    assert StableDiffusionPipeline.from_pretrained(tmp_path / "checkpoints" / "step-2").unet is not None
     p = StableDiffusionPipeline.from_pretrained(tmp_path)
     image = p("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
     assert image.shape == (64, 64, 3)

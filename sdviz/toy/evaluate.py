@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import sdviz
 from sdviz.toy import world
@@ -61,8 +62,10 @@ def position_ok(mask: np.ndarray, position: str) -> bool:
 
 
 def localisation(run, caption: str, masks: list[np.ndarray | None], steps) -> list[dict]:
-    """Pointing-game hit and IoU for each colour and shape word whose object has a mask."""
+    """Pointing-game hit and IoU for each colour and shape word whose object has a mask, for the
+    default heatmap (all cross-attention layers) and for the finest-resolution layers alone."""
     out, seen = [], {}
+    finest = max(layer.height for layer in run.layers)
     for word, obj in zip(caption.split(), world.word_objects(caption)):
         k = seen.get(word, 0)
         seen[word] = k + 1  # the k-th occurrence of a word is the k-th token of that word
@@ -71,13 +74,41 @@ def localisation(run, caption: str, masks: list[np.ndarray | None], steps) -> li
         mask = masks[obj]
         if mask is None or not mask.any():
             continue
-        heat = run.heatmap(run.token_indices(word)[k], steps=steps, size=mask.shape)  # [H, W]
-        y, x = np.unravel_index(np.argmax(heat), heat.shape)
-        norm = (heat - heat.min()) / max(heat.max() - heat.min(), 1e-12)
-        pred = norm > HEATMAP_THRESHOLD
-        iou = (pred & mask).sum() / (pred | mask).sum()
-        out.append({"kind": "colour" if word in world.COLOURS else "shape", "hit": bool(mask[y, x]), "iou": float(iou)})
+        row = {"kind": "colour" if word in world.COLOURS else "shape"}
+        for suffix, resolutions in (("", None), ("_finest", finest)):
+            heat = run.heatmap(run.token_indices(word)[k], steps=steps, size=mask.shape,
+                               resolutions=resolutions)  # [H, W]
+            row["hit" + suffix], row["iou" + suffix] = score_map(heat, mask)
+        out.append(row)
     return out
+
+
+def score_map(heat: np.ndarray, mask: np.ndarray) -> tuple[bool, float]:
+    """(is the map's argmax inside the mask, IoU of the min-max normalised map > threshold with the mask)."""
+    y, x = np.unravel_index(np.argmax(heat), heat.shape)
+    norm = (heat - heat.min()) / max(heat.max() - heat.min(), 1e-12)
+    pred = norm > HEATMAP_THRESHOLD
+    return bool(mask[y, x]), float((pred & mask).sum() / (pred | mask).sum())
+
+
+def ideal_map_ceiling(pipe, scenes) -> dict:
+    """The best these metrics can be at this UNet's attention resolutions: each object's exact mask,
+    area-pooled to every cross-attention layer's grid, then aggregated as `TraceResult.heatmap` does
+    (bilinear upsampling, mean over layers) and scored like the model's maps."""
+    size = scenes[0].image.shape[0]
+    with sdviz.trace(pipe) as tracer:  # one tiny traced call, only to learn the layers' grids
+        pipe("a red circle", num_inference_steps=1, guidance_scale=1.0, height=size, width=size, output_type="latent")
+    grids = [layer.height for layer in tracer.result.layers]
+    hits, ious = [], []
+    for scene in scenes:
+        for mask in scene.masks:
+            m = torch.from_numpy(mask).float()[None, None]  # [1, 1, H, W]
+            heat = sum(F.interpolate(F.adaptive_avg_pool2d(m, g), size=mask.shape, mode="bilinear",
+                                     align_corners=False)[0, 0] for g in grids)
+            hit, iou = score_map((heat / len(grids)).numpy(), mask)
+            hits.append(hit)
+            ious.append(iou)
+    return {"pointing": _mean(hits), "miou": _mean(ious), "objects": len(ious), "grids": grids}
 
 
 def _mean(values) -> float:
@@ -124,12 +155,12 @@ def evaluate_generated(pipe, captions, seeds, guidance: float, steps: int, size:
 
 
 def _loc_summary(loc: list[dict]) -> dict:
-    return {
-        "pointing_colour": _mean(x["hit"] for x in loc if x["kind"] == "colour"),
-        "pointing_shape": _mean(x["hit"] for x in loc if x["kind"] == "shape"),
-        "miou": _mean(x["iou"] for x in loc),
-        "words": len(loc),
-    }
+    out = {"words": len(loc)}
+    for suffix in ("", "_finest"):
+        out["pointing_colour" + suffix] = _mean(x["hit" + suffix] for x in loc if x["kind"] == "colour")
+        out["pointing_shape" + suffix] = _mean(x["hit" + suffix] for x in loc if x["kind"] == "shape")
+        out["miou" + suffix] = _mean(x["iou" + suffix] for x in loc)
+    return out
 
 
 @torch.no_grad()
@@ -171,6 +202,7 @@ def evaluate(pipe, n_captions: int = 48, seeds=(0, 1), n_scenes: int = 100, guid
         "vae_psnr_db": vae_psnr(pipe, heldout),
         "generated": evaluate_generated(pipe, world.heldout_captions(n_captions), seeds, guidance, steps, size),
         "noised": evaluate_noised(pipe, heldout),
+        "ceiling": ideal_map_ceiling(pipe, heldout),
         "seconds_per_image": time_generation(pipe, guidance, steps, size),
         "settings": {"captions": n_captions, "seeds": list(seeds), "scenes": n_scenes, "guidance": guidance,
                      "steps": steps, "size": size, "threads": torch.get_num_threads(), "noised_t": NOISED_T,
@@ -181,6 +213,8 @@ def evaluate(pipe, n_captions: int = 48, seeds=(0, 1), n_scenes: int = 100, guid
 
 def table(r: dict) -> str:
     g, n = r["generated"], r["noised"]
+    fine = max(r["ceiling"]["grids"])
+    fine = f"{fine}×{fine} layers only"
     rows = [
         ("VAE PSNR (dB), held-out scenes", r["vae_psnr_db"], "vae_psnr_db", "{:.1f}"),
         ("generated: every requested colour present", g["all_colours_present"], "all_colours_present", "{:.1%}"),
@@ -196,6 +230,14 @@ def table(r: dict) -> str:
         (f"noised t={NOISED_T}: pointing game, colour words", n["pointing_colour"], "pointing_colour", "{:.1%}"),
         (f"noised t={NOISED_T}: pointing game, shape words", n["pointing_shape"], "pointing_shape", "{:.1%}"),
         (f"noised t={NOISED_T}: mIoU (map > 0.5)", n["miou"], "miou", "{:.2f}"),
+        (f"generated: pointing game, colour / shape words, {fine}",
+         f"{g['pointing_colour_finest']:.1%} / {g['pointing_shape_finest']:.1%}", None, "{}"),
+        (f"generated: mIoU, {fine}", g["miou_finest"], None, "{:.2f}"),
+        (f"noised t={NOISED_T}: pointing game, colour / shape words, {fine}",
+         f"{n['pointing_colour_finest']:.1%} / {n['pointing_shape_finest']:.1%}", None, "{}"),
+        (f"noised t={NOISED_T}: mIoU, {fine}", n["miou_finest"], None, "{:.2f}"),
+        ("ceiling: pointing game / mIoU of a perfect map (the mask) at these layers' resolutions",
+         f"{r['ceiling']['pointing']:.1%} / {r['ceiling']['miou']:.2f}", None, "{}"),
         ("seconds per 20-step image with guidance", r["seconds_per_image"], "seconds_per_image", "{:.2f}"),
     ]
     lines = ["| metric | value | target | met |", "|---|---|---|---|"]
