@@ -170,6 +170,9 @@ def region_bars(scores: dict[str, float], title: str = "Which words this region 
     fig = Figure(figsize=(5.0, 0.35 * len(items) + 1.0))
     ax = fig.add_subplot(1, 1, 1)
     ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color="tab:orange")
+    # Few ticks, and powers of ten for small values: long decimals would run into each other.
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
     ax.set_xlabel("mean attention probability in the region")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()

@@ -155,3 +155,35 @@ def test_compare_tab_runs_guidance_variants_and_the_shared_step_redraws_them(pag
     wait_image_changes(page, "#sdviz-cmp-figure", before)
     page.locator("#sdviz-cmp-figure").scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "6-compare-step-2-circle.png"), full_page=True)
+
+
+def test_compare_tab_two_prompts_shows_both_and_switches_to_a_shared_word(page):
+    page.evaluate("window.scrollTo(0, 0)")
+    page.fill("#sdviz-prompt textarea", "a red circle")
+    set_slider(page, "sdviz-steps", 6)
+    page.get_by_role("tab", name="Compare").click()
+    assert not page.locator("#sdviz-cmp-prompt-b").is_visible()
+    page.locator("#sdviz-cmp-mode label", has_text="Two prompts").click()
+    page.wait_for_selector("#sdviz-cmp-prompt-b textarea", state="visible")
+    assert not page.locator("#sdviz-cmp-values").is_visible()          # the vary-one-setting inputs hide
+    page.fill("#sdviz-cmp-prompt-b textarea", "a blue circle")
+    before = src(page, "#sdviz-cmp-figure")
+    page.click("#sdviz-cmp-run")
+    page.wait_for_function("() => document.querySelector('#sdviz-cmp-progress').innerText.includes('Done: 2 variants')",
+                           timeout=120_000)
+    wait_image_changes(page, "#sdviz-cmp-figure", before)
+    assert page.locator("#sdviz-cmp-gallery img").count() == 2
+    gallery_text = page.inner_text("#sdviz-cmp-gallery")
+    assert "a red circle" in gallery_text and "a blue circle" in gallery_text
+    word = page.locator("#sdviz-cmp-word input")
+    assert word.input_value() == "changed words: red / blue"
+    page.locator("#sdviz-cmp-figure").scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "7-compare-pair.png"), full_page=True)
+    before = src(page, "#sdviz-cmp-figure")
+    word.click()
+    page.get_by_role("option", name="circle", exact=True).click()
+    wait_image_changes(page, "#sdviz-cmp-figure", before)
+    page.screenshot(path=str(SHOTS / "8-compare-pair-circle.png"), full_page=True)
+    box = page.locator("#sdviz-cmp-gallery .thumbnail-item").first.bounding_box()
+    grid = page.locator("#sdviz-cmp-gallery .grid-wrap").bounding_box()
+    assert box["height"] <= grid["height"], "a final image is cropped by the gallery"

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -141,3 +142,16 @@ def test_factors_shipped_in_the_vae_config_are_used(sd1_pipe, tmp_path):
     loaded = sdviz.load_pipeline(str(tmp_path), device="cpu")
     assert torch.equal(latent_rgb_factors(loaded), factors)
     assert not torch.equal(latent_rgb_factors(sd1_pipe), factors)
+
+
+@pytest.mark.parametrize("top", [1.6e-4, 0.26, 3.0])
+def test_region_bars_tick_labels_never_run_into_each_other(top):
+    # The built-in model's background pixels give words ~1e-4 of their attention: plain decimals
+    # such as 0.00002 0.00004 … printed side by side overlapped in the app.
+    fig = render.region_bars({"left": top, "the": top / 7, "a": top / 100, "blue": top / 50})
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    boxes = sorted((t.get_window_extent(renderer) for t in fig.axes[0].get_xticklabels() if t.get_text()),
+                   key=lambda b: b.x0)
+    assert len(boxes) >= 3
+    assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))

@@ -60,6 +60,8 @@ CSS = """
 #sdviz-words label {font-size: 1.05em;}
 /* small images (the 64×64 built-in model, 8×8 latents) fill their panel, pixel for pixel */
 .sdviz-fill img {width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated;}
+/* Gradio narrows the grid to the number of images: two variants would each be half the width, cropped */
+#sdviz-cmp-gallery .grid-container {--grid-cols: 4 !important;}
 """
 
 
