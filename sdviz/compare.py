@@ -225,7 +225,8 @@ def compare_figure(variants: Sequence[Variant], word: str | Sequence[str | None]
             _off(ax)
         if c == 0:
             final.set_ylabel("final image", fontsize=9)
-            mid.set_ylabel(f"{which} at shared step", fontsize=9)
+            mid.set_ylabel(f"{which} at shared step\n({'VAE decode' if vae is not None else 'fast preview'})",
+                           fontsize=9)
             if rows == 3:
                 panels[2].set_ylabel("heatmap (shared scale)", fontsize=9)
     fig.tight_layout()

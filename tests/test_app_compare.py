@@ -20,10 +20,10 @@ OUTPUTS = ["progress", "live", "gallery", "figure", "word", "step", "notes"]
 
 
 def compare_inputs(server, mode="vary", vary="guidance", values="1, 7.5", schedulers=(), prompt_b="", word="",
-                   **change):
+                   exact=False, **change):
     """The /compare inputs, in order: the Compare tab's controls, then the main form (test defaults)."""
     main = form(server, change.pop("prompt", PROMPT), **{"steps": STEPS, **change})[:-1]   # no per-head option
-    return [mode, vary, values, list(schedulers), prompt_b, word, *main]
+    return [mode, vary, values, list(schedulers), prompt_b, word, exact, *main]
 
 
 def run_compare(client, server, **kw):
@@ -31,8 +31,8 @@ def run_compare(client, server, **kw):
     return dict(zip(OUTPUTS, client.predict(*compare_inputs(server, **kw), api_name="/compare")))
 
 
-def view(client, word, step):
-    return pixels(client.predict(word, step, api_name="/compare_view"))
+def view(client, word, step, exact=False):
+    return pixels(client.predict(word, step, exact, api_name="/compare_view"))
 
 
 def variant_images(out) -> list[np.ndarray]:
@@ -114,6 +114,24 @@ def test_step_and_word_changes_redraw_without_running_the_model(client, app_serv
         view(client, "circle", 5)
     with pytest.raises(AppError, match="'zebra' is not a word of the prompt"):
         view(client, "zebra", 4)
+
+
+def test_exact_decode_redraws_x0_with_the_vae_and_never_the_unet(client, app_server):
+    run_compare(client, app_server, vary="seed", values="0, 1")
+    unet = len(app_server.unet_calls)
+    decodes = []
+    hook = app_server.pipe.vae.decoder.register_forward_pre_hook(lambda module, args: decodes.append(args[0].shape))
+    try:
+        fast, exact = view(client, "circle", 2), view(client, "circle", 2, exact=True)
+        assert len(decodes) == 2                                 # x0 of step 2, once per variant
+        assert np.array_equal(view(client, "circle", 2, exact=True), exact) and len(decodes) == 2   # cached
+    finally:
+        hook.remove()
+    assert len(app_server.unet_calls) == unet
+    # Same final images and heatmaps; only the x0 row (and its label) differ.
+    assert not np.array_equal(fast, exact)
+    rows = np.nonzero((fast != exact).any(axis=(1, 2)))[0]
+    assert fast.shape[0] / 3 < rows.min() and rows.max() < 2 * fast.shape[0] / 3
 
 
 # -- bad input ------------------------------------------------------------------------------------------

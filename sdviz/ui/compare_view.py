@@ -28,6 +28,7 @@ class Comparison:
     """One user's last finished comparison, kept in gr.State (deep-copied per session, never shared)."""
     variants: list[Variant]
     vary: str                  # "guidance", "steps", "scheduler", "seed" or "prompt"
+    model: str                 # the model the variants ran on: its VAE decodes x0 exactly on request
 
     @property
     def longest(self) -> int:
@@ -158,8 +159,9 @@ def default_word(comparison: Comparison) -> str | None:
     return strongest_word(comparison.variants[0].run)
 
 
-def figure(comparison: Comparison, word: str | None, step) -> Image.Image:
-    """compare_figure of the stored variants: final images, x0 at the shared `step` (1-based), the word's maps."""
+def figure(comparison: Comparison, word: str | None, step, vae=None) -> Image.Image:
+    """compare_figure of the stored variants: final images, x0 at the shared `step` (1-based; decoded
+    by `vae` when given, else the fast preview), the word's maps."""
     longest = comparison.longest
     step = whole(step if step is not None else longest, "the shared step")
     if not 1 <= step <= longest:
@@ -169,7 +171,7 @@ def figure(comparison: Comparison, word: str | None, step) -> Image.Image:
     elif comparison.vary == "prompt":
         check_word(word, [v.settings.prompt for v in comparison.variants],
                    [[w.text for w in v.run.words] for v in comparison.variants])
-    fig = compare.compare_figure(comparison.variants, word=word, step=step - 1)
+    fig = compare.compare_figure(comparison.variants, word=word, step=step - 1, vae=vae)
     return render.to_image(fig)
 
 

@@ -222,6 +222,8 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                                                label="Word for the heatmaps (empty: the strongest / changed words)")
                         cmp_step = gr.Slider(1, most_steps, value=most_steps, step=1, label="Shared step",
                                              elem_id="sdviz-cmp-step")
+                        cmp_exact = gr.Checkbox(False, label="Decode x0 with the VAE (exact; slower on big models)",
+                                                elem_id="sdviz-cmp-exact")
                         with gr.Row():
                             cmp_run = gr.Button("Run comparison", variant="primary", elem_id="sdviz-cmp-run")
                             cmp_stop = gr.Button("Stop", variant="stop", elem_id="sdviz-cmp-stop")
@@ -293,7 +295,7 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
             }
 
         @zero_gpu
-        def on_compare(mode, vary, values_text, scheduler_list, prompt_b, word_value, model_name, prompt_text,
+        def on_compare(mode, vary, values_text, scheduler_list, prompt_b, word_value, exact, model_name, prompt_text,
                        negative_text, scheduler_name, n_steps, scale, seed_text, rand, w, h):
             try:
                 base = settings_from_form(models, model_name, prompt_text, negative_text, scheduler_name, n_steps,
@@ -317,23 +319,30 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                         done.append(event.variant)
                         yield {cmp_gallery: compare_view.gallery(done)}
                     else:
-                        yield compared(compare_view.Comparison(event.variants, vary), base, word_value, event.elapsed)
+                        comparison = compare_view.Comparison(event.variants, vary, model_name)
+                        yield compared(comparison, base, word_value, exact, event.elapsed)
 
-        def compared(comparison, base, word_value, elapsed):
+        def compared(comparison, base, word_value, exact, elapsed):
             word_value = word_value or compare_view.default_word(comparison)
             n, count = comparison.longest, len(comparison.variants)
             return {
                 cmp_progress: texts.progress_html(1, 1, elapsed, f"Done: {count} variants in {elapsed:.1f} s"),
                 cmp_gallery: compare_view.gallery(comparison.variants),
-                cmp_figure: compare_view.figure(comparison, word_value, n),
+                cmp_figure: compare_figure(comparison, word_value, n, exact),
                 cmp_word: gr.Dropdown(choices=compare_view.word_choices(comparison), value=word_value),
                 cmp_step: gr.Slider(maximum=n, value=n), cmp_notes: compare_view.settings_label(base, comparison.vary),
                 comparison_state: comparison,
             }
 
+        def compare_figure(comparison, word_value, step_value, exact):
+            if not exact:
+                return compare_view.figure(comparison, word_value, step_value)
+            with models.using(comparison.model) as pipe:   # the VAE, on its device, one user at a time
+                return compare_view.figure(comparison, word_value, step_value, vae=pipe.vae)
+
         @friendly
-        def on_compare_view(word_value, step_value, comparison):
-            return compare_view.figure(compare_view.require(comparison), word_value, step_value)
+        def on_compare_view(word_value, step_value, exact, comparison):
+            return compare_figure(compare_view.require(comparison), word_value, step_value, exact)
 
         def on_compare_mode(mode, vary):
             pair = mode == "pair"
@@ -481,7 +490,7 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
         cmp_vary.input(on_compare_vary, cmp_vary, [cmp_values, cmp_schedulers], api_visibility="private", queue=False)
         comparison = cmp_run.click(
             on_compare,
-            [cmp_mode, cmp_vary, cmp_values, cmp_schedulers, cmp_prompt_b, cmp_word,
+            [cmp_mode, cmp_vary, cmp_values, cmp_schedulers, cmp_prompt_b, cmp_word, cmp_exact,
              model, prompt, negative, scheduler, steps, guidance, seed, randomize, width, height],
             [cmp_progress, cmp_live, cmp_gallery, cmp_figure, cmp_word, cmp_step, cmp_notes, comparison_state],
             api_name="compare", concurrency_id=PIPELINE, concurrency_limit=1, show_progress="minimal",
@@ -489,7 +498,8 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
         )
         cmp_stop.click(lambda: texts.progress_html(0, 1, 0, "Stopped. Press Run comparison to start again."),
                        None, cmp_progress, cancels=[comparison], api_visibility="private", queue=False)
-        gr.on([cmp_word.input, cmp_step.input], on_compare_view, [cmp_word, cmp_step, comparison_state], cmp_figure,
+        gr.on([cmp_word.input, cmp_step.input, cmp_exact.input], on_compare_view,
+              [cmp_word, cmp_step, cmp_exact, comparison_state], cmp_figure,
               api_name="compare_view", trigger_mode="always_last", show_progress="hidden")
 
     demo.queue(max_size=queue_size, default_concurrency_limit=2)

@@ -75,4 +75,5 @@ thing: the guidance scale, the number of steps, the scheduler or the seed (up to
 prompt a word apart (“a red circle” vs “a blue circle”). Each column shows the final image, the guess of the
 clean image **x0 at the shared step** (runs with fewer steps show the same point of denoising) and the word's
 heatmap on **one colour scale**, so warmer means more attention in every column. The step slider and the word
-re-draw the stored runs; the model does not run again."""
+re-draw the stored runs; the model does not run again. x0 is drawn with the fast linear preview unless you tick
+the VAE decode, which shows the exact image the latent stands for."""
