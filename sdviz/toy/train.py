@@ -165,22 +165,30 @@ def token_targets(scenes, tokenizer, latent_size: int):
     return ids, owner, masks
 
 
-def attention_loss(probes, owner: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Mean over object words and layers of (1 − share of the word's attention inside its mask)²."""
+def attention_loss(probes, owner: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(share, cover) losses of the object words' cross-attention, each averaged over words and layers.
+
+    share: (1 − share of the word's attention mass inside its object's mask)² — where the mass goes.
+    cover: 1 − soft Dice between the word's map divided by its maximum and the mask — whether the map
+    fills the object rather than peaking on one latent pixel of it (the maps' shape, which mIoU scores).
+    """
     b = owner.shape[0]
     valid = owner >= 0  # [b, 77]
     if not valid.any():
-        return torch.zeros(())
+        return torch.zeros(()), torch.zeros(())
     # [b, 77, h, w]: each token's object mask (zeros for tokens that name nothing)
     tok_masks = torch.gather(masks, 1, owner.clamp(min=0)[:, :, None, None].expand(-1, -1, *masks.shape[2:]))
-    losses = []
+    shares, covers = [], []
     for p in probes:
         probs = p.probs.view(b, -1, *p.probs.shape[1:]).mean(1)  # [b, hw, 77]
         res = int(math.isqrt(probs.shape[1]))
         m = F.adaptive_avg_pool2d(tok_masks, res).flatten(2).transpose(1, 2)  # [b, hw, 77]
         share = (probs * m).sum(1) / probs.sum(1).clamp(min=1e-8)  # [b, 77]
-        losses.append(((1 - share) ** 2)[valid].mean())
-    return torch.stack(losses).mean()
+        shares.append(((1 - share) ** 2)[valid].mean())
+        q = probs / probs.amax(1, keepdim=True).clamp(min=1e-8)  # [b, hw, 77], peak 1
+        dice = (2 * (q * m).sum(1) + 1e-3) / (q.sum(1) + m.sum(1) + 1e-3)  # [b, 77]
+        covers.append((1 - dice)[valid].mean())
+    return torch.stack(shares).mean(), torch.stack(covers).mean()
 
 
 def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkpoint=None):
@@ -194,7 +202,7 @@ def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkp
     probes = {}
     procs = {}
     for name in unet.attn_processors:
-        if name.endswith("attn2.processor") and args.attn_loss > 0:
+        if name.endswith("attn2.processor") and (args.attn_loss > 0 or args.attn_cover > 0):
             probes[name] = procs[name] = ProbeProcessor()
         else:
             procs[name] = AttnProcessor2_0()
@@ -223,10 +231,10 @@ def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkp
         w = snr[t].clamp(max=5.0) / snr[t]
         loss_mse = (w * (pred - noise).pow(2).mean((1, 2, 3))).mean()
         loss = loss_mse
-        loss_attn = torch.zeros(())
-        if args.attn_loss > 0:
-            loss_attn = attention_loss(list(probes.values()), own, masks[idx])
-            loss = loss + args.attn_loss * loss_attn
+        loss_attn = loss_cover = torch.zeros(())
+        if probes:
+            loss_attn, loss_cover = attention_loss(list(probes.values()), own, masks[idx])
+            loss = loss + args.attn_loss * loss_attn + args.attn_cover * loss_cover
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -235,8 +243,9 @@ def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkp
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - decay)
         if step % 50 == 0 or step == args.steps - 1:
-            log({"stage": "unet", "step": step, "loss": round(loss_mse.item(), 5), "attn": round(loss_attn.item(), 4)})
-            bar.set_postfix(loss=f"{loss_mse.item():.4f}", attn=f"{loss_attn.item():.3f}")
+            log({"stage": "unet", "step": step, "loss": round(loss_mse.item(), 5), "attn": round(loss_attn.item(), 4),
+                 "cover": round(loss_cover.item(), 4)})
+            bar.set_postfix(loss=f"{loss_mse.item():.4f}", attn=f"{loss_attn.item():.3f}", cover=f"{loss_cover.item():.3f}")
         if checkpoint and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             snapshot = copy.deepcopy(ema_unet)
             snapshot.set_attn_processor(AttnProcessor2_0())
@@ -296,6 +305,8 @@ def parse_args(argv=None):
     p.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (for guidance)")
     p.add_argument("--attn-loss", type=float, default=1.0,
                    help="weight of the loss pulling object words' cross-attention into their masks (0: off)")
+    p.add_argument("--attn-cover", type=float, default=0.0,
+                   help="weight of the loss making each object word's map (divided by its peak) fill its mask (0: off)")
     p.add_argument("--save-every", type=int, default=0,
                    help="also save the EMA pipeline every N UNet steps, to OUT/checkpoints/step-N (0: only at the end)")
     p.add_argument("--channels", type=int, nargs=2, default=(32, 64), help="UNet block widths")
