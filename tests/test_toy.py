@@ -94,12 +94,15 @@ def test_shape_classifier_recognises_rendered_shapes():
 def test_score_map_hits_and_overlaps_only_where_the_map_is():
     mask = np.zeros((64, 64), bool)
     mask[10:20, 30:44] = True
-    assert evaluate.score_map(mask.astype(np.float32), mask) == (True, 1.0)
+    assert evaluate.score_map(mask.astype(np.float32), mask) == (True, 1.0, 1.0)
     shifted = np.roll(mask, 5, axis=0)  # half the rows overlap: IoU = 5·14 / (15·14)
-    hit, iou = evaluate.score_map(shifted.astype(np.float32), mask)
-    assert hit and iou == pytest.approx(5 / 15)
+    hit, iou, area = evaluate.score_map(shifted.astype(np.float32), mask)
+    assert hit and iou == pytest.approx(5 / 15) and area == 1.0
     elsewhere = np.roll(mask, 30, axis=1).astype(np.float32)
-    assert evaluate.score_map(elsewhere, mask) == (False, 0.0)
+    assert evaluate.score_map(elsewhere, mask) == (False, 0.0, 1.0)
+    peak = np.zeros((64, 64), np.float32)
+    peak[10:20, 30:44], peak[14, 36] = 0.1, 1.0  # one hot pixel: the map > 0.5 is 1 of the 140 pixels
+    assert evaluate.score_map(peak, mask) == (True, pytest.approx(1 / 140), pytest.approx(1 / 140))
 
 
 def test_a_perfect_map_at_the_models_attention_grids_can_reach_the_targets(pipe):

@@ -78,17 +78,18 @@ def localisation(run, caption: str, masks: list[np.ndarray | None], steps) -> li
         for suffix, resolutions in (("", None), ("_finest", finest)):
             heat = run.heatmap(run.token_indices(word)[k], steps=steps, size=mask.shape,
                                resolutions=resolutions)  # [H, W]
-            row["hit" + suffix], row["iou" + suffix] = score_map(heat, mask)
+            row["hit" + suffix], row["iou" + suffix], row["area" + suffix] = score_map(heat, mask)
         out.append(row)
     return out
 
 
-def score_map(heat: np.ndarray, mask: np.ndarray) -> tuple[bool, float]:
-    """(is the map's argmax inside the mask, IoU of the min-max normalised map > threshold with the mask)."""
+def score_map(heat: np.ndarray, mask: np.ndarray) -> tuple[bool, float, float]:
+    """(is the map's argmax inside the mask, IoU of the min-max normalised map > threshold with the mask,
+    area of that thresholded map / the mask's area: below 1 a map too peaked, above 1 too broad)."""
     y, x = np.unravel_index(np.argmax(heat), heat.shape)
     norm = (heat - heat.min()) / max(heat.max() - heat.min(), 1e-12)
     pred = norm > HEATMAP_THRESHOLD
-    return bool(mask[y, x]), float((pred & mask).sum() / (pred | mask).sum())
+    return bool(mask[y, x]), float((pred & mask).sum() / (pred | mask).sum()), float(pred.sum() / mask.sum())
 
 
 def ideal_map_ceiling(pipe, scenes) -> dict:
@@ -105,7 +106,7 @@ def ideal_map_ceiling(pipe, scenes) -> dict:
             m = torch.from_numpy(mask).float()[None, None]  # [1, 1, H, W]
             heat = sum(F.interpolate(F.adaptive_avg_pool2d(m, g), size=mask.shape, mode="bilinear",
                                      align_corners=False)[0, 0] for g in grids)
-            hit, iou = score_map((heat / len(grids)).numpy(), mask)
+            hit, iou, _ = score_map((heat / len(grids)).numpy(), mask)
             hits.append(hit)
             ious.append(iou)
     return {"pointing": _mean(hits), "miou": _mean(ious), "objects": len(ious), "grids": grids}
@@ -160,6 +161,7 @@ def _loc_summary(loc: list[dict]) -> dict:
         out["pointing_colour" + suffix] = _mean(x["hit" + suffix] for x in loc if x["kind"] == "colour")
         out["pointing_shape" + suffix] = _mean(x["hit" + suffix] for x in loc if x["kind"] == "shape")
         out["miou" + suffix] = _mean(x["iou" + suffix] for x in loc)
+        out["area_ratio" + suffix] = float(np.median([x["area" + suffix] for x in loc])) if loc else float("nan")
     return out
 
 
@@ -230,6 +232,8 @@ def table(r: dict) -> str:
         (f"noised t={NOISED_T}: pointing game, colour words", n["pointing_colour"], "pointing_colour", "{:.1%}"),
         (f"noised t={NOISED_T}: pointing game, shape words", n["pointing_shape"], "pointing_shape", "{:.1%}"),
         (f"noised t={NOISED_T}: mIoU (map > 0.5)", n["miou"], "miou", "{:.2f}"),
+        ("area of map > 0.5 / object area, median — generated / noised (< 1: too peaked, > 1: too broad)",
+         f"{g['area_ratio']:.2f} / {n['area_ratio']:.2f}", None, "{}"),
         (f"generated: pointing game, colour / shape words, {fine}",
          f"{g['pointing_colour_finest']:.1%} / {g['pointing_shape_finest']:.1%}", None, "{}"),
         (f"generated: mIoU, {fine}", g["miou_finest"], None, "{:.2f}"),
