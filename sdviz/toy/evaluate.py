@@ -139,7 +139,9 @@ def evaluate_generated(pipe, captions, seeds, guidance: float, steps: int, size:
             masks = [seg[o.colour] if o.colour in found else None for o in objects]
             shapes = [bool(classify_shape(m) == o.shape) for o, m in zip(objects, masks) if m is not None]
             places = [position_ok(m, o.position) for o, m in zip(objects, masks) if m is not None and o.position]
+            unseen_set = any(set(colours) <= asked for colours in world.HELDOUT_COLOUR_SETS)
             rows.append({"caption": caption, "seed": seed, "all_colours": asked <= found, "no_extra": found <= asked,
+                         "unseen_colour_set": unseen_set,
                          "shapes": shapes, "positions": places})
             loc += localisation(tracer.result, caption, masks, steps=None)
     return {
@@ -148,6 +150,8 @@ def evaluate_generated(pipe, captions, seeds, guidance: float, steps: int, size:
         "no_extra_colour": _mean(r["no_extra"] for r in rows),
         "all_colours_present_one_object": _mean(r["all_colours"] for r in rows if " and " not in r["caption"]),
         "all_colours_present_several_objects": _mean(r["all_colours"] for r in rows if " and " in r["caption"]),
+        "all_colours_present_unseen_colour_set": _mean(r["all_colours"] for r in rows if r["unseen_colour_set"]),
+        "all_colours_present_other": _mean(r["all_colours"] for r in rows if not r["unseen_colour_set"]),
         "shape_correct": _mean(s for r in rows for s in r["shapes"]),
         "position_correct": _mean(p for r in rows for p in r["positions"]),
         **_loc_summary(loc),
@@ -224,6 +228,9 @@ def table(r: dict) -> str:
         ("generated: every requested colour, 1-object captions", g["all_colours_present_one_object"], None, "{:.1%}"),
         ("generated: every requested colour, 2–3-object captions", g["all_colours_present_several_objects"], None,
          "{:.1%}"),
+        ("generated: every requested colour — captions with colours never seen together / the other held-out "
+         "captions", f"{g['all_colours_present_unseen_colour_set']:.1%} / {g['all_colours_present_other']:.1%}",
+         None, "{}"),
         ("generated: shape right (object found)", g["shape_correct"], None, "{:.1%}"),
         ("generated: position right (object found)", g["position_correct"], None, "{:.1%}"),
         ("generated: pointing game, colour words", g["pointing_colour"], "pointing_colour", "{:.1%}"),
