@@ -129,21 +129,36 @@ def test_load_pipeline_toy_gives_the_shipped_model(pipe):
     assert torch.equal(toy.unet.conv_in.weight.float().cpu(), pipe.unet.conv_in.weight)
 
 
-@pytest.mark.parametrize("caption", ["a green triangle", "a large yellow circle", "a blue square and a green triangle"])
-def test_generates_the_requested_colours_for_heldout_prompts(pipe, caption):
+@pytest.mark.parametrize("caption", ["a green triangle", "a large yellow circle", "a small yellow circle on the left"])
+def test_draws_never_seen_colour_shape_pairs_in_the_asked_colour(pipe, caption):
     assert world.is_heldout(world.parse_caption(caption))
-    asked = {o.colour for o in world.parse_caption(caption)}
     image = pipe(caption, num_inference_steps=20, guidance_scale=5.0, height=64, width=64,
                  generator=torch.Generator().manual_seed(0)).images[0]
-    assert evaluate.colours_present(evaluate.segment(np.asarray(image))) == asked
+    assert evaluate.colours_present(evaluate.segment(np.asarray(image))) == {world.parse_caption(caption)[0].colour}
 
 
-def test_word_heatmaps_peak_inside_their_objects_on_noised_heldout_scenes(pipe):
-    # An object covers ~2–8 % of the image, so chance is below 0.1; the shipped model scores ~0.85
-    # on 100 scenes (see the model card) and 0.76 / 0.84 on these 20.
+def test_heldout_captions_of_colours_seen_together_get_every_colour_and_no_other(pipe):
+    # The model card: 100 % of these get every colour on 48 captions × 2 seeds. Captions pairing red
+    # with yellow (never together in training) are left out: the model merges them (the card says so).
+    captions = [c for c in world.heldout_captions(48)
+                if not any(s <= {o.colour for o in world.parse_caption(c)} for s in world.HELDOUT_COLOUR_SETS)][:12]
+    exact = 0
+    for caption in captions:
+        image = pipe(caption, num_inference_steps=20, guidance_scale=5.0, height=64, width=64,
+                     generator=torch.Generator().manual_seed(0)).images[0]
+        exact += evaluate.colours_present(evaluate.segment(np.asarray(image))) == {
+            o.colour for o in world.parse_caption(caption)}
+    assert exact >= 10, f"only {exact} of {len(captions)} images have exactly the asked colours"
+
+
+def test_word_heatmaps_peak_inside_and_cover_their_objects_on_noised_heldout_scenes(pipe):
+    # An object covers ~2–8 % of the image, so chance is below 0.1. The shipped model scores 0.91 / 0.58
+    # (pointing / mIoU) on the model card's 100 scenes and 0.92 / 0.58 on these 20; the model trained
+    # without the cover loss scored 0.76 and 0.2 here.
     scores = evaluate.evaluate_noised(pipe, world.sample_scenes(20, seed=99, heldout=True))
     assert scores["words"] >= 80
-    assert scores["pointing_colour"] >= 0.7 and scores["pointing_shape"] >= 0.7
+    assert scores["pointing_colour"] >= 0.8 and scores["pointing_shape"] >= 0.8
+    assert scores["miou"] >= 0.45
 
 
 def test_traced_generation_heatmaps_of_colour_and_shape_words_peak_on_the_object(pipe):
