@@ -166,6 +166,8 @@ def test_compare_tab_two_prompts_shows_both_and_switches_to_a_shared_word(page):
     page.locator("#sdviz-cmp-mode label", has_text="Two prompts").click()
     page.wait_for_selector("#sdviz-cmp-prompt-b textarea", state="visible")
     assert not page.locator("#sdviz-cmp-values").is_visible()          # the vary-one-setting inputs hide
+    # A word picked for the other mode ("circle", by the test above) is cleared: pairs open on their changed words.
+    page.wait_for_function("() => document.querySelector('#sdviz-cmp-word input').value === ''")
     page.fill("#sdviz-cmp-prompt-b textarea", "a blue circle")
     before = src(page, "#sdviz-cmp-figure")
     page.click("#sdviz-cmp-run")

@@ -346,8 +346,10 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
 
         def on_compare_mode(mode, vary):
             pair = mode == "pair"
+            # The word picked for the other mode's runs is cleared: a pair shows its changed words first.
             return (gr.Radio(visible=not pair), gr.Textbox(visible=not pair and vary != "scheduler"),
-                    gr.CheckboxGroup(visible=not pair and vary == "scheduler"), gr.Textbox(visible=pair))
+                    gr.CheckboxGroup(visible=not pair and vary == "scheduler"), gr.Textbox(visible=pair),
+                    gr.Dropdown(value=None))
 
         def on_compare_vary(vary):
             return (gr.Textbox(value=compare_view.DEFAULT_VALUES.get(vary, ""), visible=vary != "scheduler"),
@@ -485,7 +487,8 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
         ask_image.select(on_ask, [session, *filter_inputs], ask_plot, api_visibility="private")
         files_btn.click(on_files, [word, *view_style], files, api_name="downloads")
 
-        cmp_mode.input(on_compare_mode, [cmp_mode, cmp_vary], [cmp_vary, cmp_values, cmp_schedulers, cmp_prompt_b],
+        cmp_mode.input(on_compare_mode, [cmp_mode, cmp_vary],
+                       [cmp_vary, cmp_values, cmp_schedulers, cmp_prompt_b, cmp_word],
                        api_visibility="private", queue=False)
         cmp_vary.input(on_compare_vary, cmp_vary, [cmp_values, cmp_schedulers], api_visibility="private", queue=False)
         comparison = cmp_run.click(
