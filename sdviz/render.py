@@ -164,8 +164,9 @@ def attention_over_time(run: TraceResult, negative: bool = False, **filters) -> 
     return fig
 
 
-def region_bars(scores: dict[str, float], title: str = "Which words this region attended to") -> Figure:
-    """Horizontal bar chart of {word: score}, highest on top."""
+def region_bars(scores: dict[str, float], title: str | None = "Which words this region attended to",
+                xlabel: str = "mean attention probability in the region") -> Figure:
+    """Horizontal bar chart of {word: score}, highest on top; `title=None` draws none (e.g. under a panel label)."""
     items = list(scores.items())[:20]
     fig = Figure(figsize=(5.0, 0.35 * len(items) + 1.0))
     ax = fig.add_subplot(1, 1, 1)
@@ -173,7 +174,8 @@ def region_bars(scores: dict[str, float], title: str = "Which words this region 
     # Few ticks, and powers of ten for small values: long decimals would run into each other.
     ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
     ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
-    ax.set_xlabel("mean attention probability in the region")
-    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig

@@ -178,8 +178,9 @@ def ask(session: Session, x: float, y: float, filters: Filters) -> Image.Image:
     box = tuple(min(max(v, 0.0), 1.0) for v in box)
     kwargs = {k: v for k, v in filters.kwargs().items() if k != "heads"}
     scores = session.run.region_scores(box, **kwargs)
-    title = f"Words attended around ({x:.2f}, {y:.2f})"
-    return render.to_image(render.region_bars(scores, title=title))
+    # No title: the panel's label and buttons sit over the image's top edge.
+    label = f"mean attention probability\naround ({x:.2f}, {y:.2f})"
+    return render.to_image(render.region_bars(scores, title=None, xlabel=label))
 
 
 def step_panels(session: Session, step: int) -> dict:
