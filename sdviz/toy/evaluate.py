@@ -6,7 +6,9 @@ Measures VAE reconstruction PSNR; whether generated images hold every requested 
 colour, the requested shapes and positions (colour segmentation); and cross-attention localisation:
 the pointing game (argmax of a word's heatmap inside the mask of the object it names) and the IoU of
 the heatmap, min-max normalised and thresholded at 0.5, with that mask. Localisation is measured on
-generated images (masks from segmentation) and on held-out scenes noised to t=501 (exact masks).
+generated images (masks from segmentation) and on held-out scenes noised to t=501 (exact masks), for
+all layers and for the finest ones alone, with how large the thresholded maps are against their objects
+and the best a perfect map (the mask itself) could score at the model's attention grids.
 """
 
 from __future__ import annotations
