@@ -1,6 +1,7 @@
 """Train the toy Stable Diffusion on the shapes world, on CPU, and save it as a diffusers folder.
 
-    python -m sdviz.toy.train                 # the shipped model (see sdviz/toy/model/README.md)
+    python -m sdviz.toy.train                 # from scratch in ~45 min on one thread (the model card has the
+                                              # two commands that made the shipped model)
     python -m sdviz.toy.train --quick --out /tmp/toy   # the whole recipe in seconds, for tests
 
 Stage 1 trains the VAE on rendered scenes; the scenes are then encoded once, and stage 2 trains the
@@ -305,7 +306,7 @@ def parse_args(argv=None):
     p.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (for guidance)")
     p.add_argument("--attn-loss", type=float, default=1.0,
                    help="weight of the loss pulling object words' cross-attention into their masks (0: off)")
-    p.add_argument("--attn-cover", type=float, default=0.0,
+    p.add_argument("--attn-cover", type=float, default=1.0,
                    help="weight of the loss making each object word's map (divided by its peak) fill its mask (0: off)")
     p.add_argument("--save-every", type=int, default=0,
                    help="also save the EMA pipeline every N UNet steps, to OUT/checkpoints/step-N (0: only at the end)")
