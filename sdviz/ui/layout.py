@@ -328,13 +328,13 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
             return {
                 cmp_progress: texts.progress_html(1, 1, elapsed, f"Done: {count} variants in {elapsed:.1f} s"),
                 cmp_gallery: compare_view.gallery(comparison.variants),
-                cmp_figure: compare_figure(comparison, word_value, n, exact),
+                cmp_figure: comparison_figure(comparison, word_value, n, exact),
                 cmp_word: gr.Dropdown(choices=compare_view.word_choices(comparison), value=word_value),
                 cmp_step: gr.Slider(maximum=n, value=n), cmp_notes: compare_view.settings_label(base, comparison.vary),
                 comparison_state: comparison,
             }
 
-        def compare_figure(comparison, word_value, step_value, exact):
+        def comparison_figure(comparison, word_value, step_value, exact):
             if not exact:
                 return compare_view.figure(comparison, word_value, step_value)
             with models.using(comparison.model) as pipe:   # the VAE, on its device, one user at a time
@@ -342,7 +342,7 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
 
         @friendly
         def on_compare_view(word_value, step_value, exact, comparison):
-            return compare_figure(compare_view.require(comparison), word_value, step_value, exact)
+            return comparison_figure(compare_view.require(comparison), word_value, step_value, exact)
 
         def on_compare_mode(mode, vary):
             pair = mode == "pair"
