@@ -122,11 +122,10 @@ def train_vae(vae, images: torch.Tensor, args, log) -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.vae_steps, args.vae_lr, 100)
         # Random crops (on the latent grid) cost a quarter of whole images and hold the same edges;
-        # the last steps see whole images (fewer per batch, same cost), because GroupNorm statistics
-        # and the image border differ between a crop and the whole image.
+        # the last steps see whole images (same batch, four times the cost), because GroupNorm
+        # statistics and the image border differ between a crop and the whole image.
         c = args.vae_crop if step < args.vae_steps - args.vae_full_steps else images.shape[-1]
-        n = max(1, args.vae_batch * c * c // images.shape[-1] ** 2) if c == images.shape[-1] else args.vae_batch
-        x = images[torch.randint(len(images), (n,), generator=gen)]  # [n, 3, H, W]
+        x = images[torch.randint(len(images), (args.vae_batch,), generator=gen)]  # [b, 3, H, W]
         if c < x.shape[-1]:
             i, j = (4 * torch.randint((x.shape[-1] - c) // 4 + 1, (2,), generator=gen)).tolist()
             x = x[:, :, i:i + c, j:j + c]
@@ -257,14 +256,11 @@ def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkp
 
 def preview_factors(vae, n: int = 256, seed: int = 0) -> list:
     """The latent → RGB map the app's fast previews use, fitted on shapes-world scenes (see sdviz.preview)."""
-    scenes = world.sample_scenes(n, seed=seed)
-    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255
-    return fit_latent_rgb(vae.float(), images).tolist()
+    images = (to_tensor(np.stack([s.image for s in world.sample_scenes(n, seed=seed)])) + 1) / 2  # [0, 1]
+    return fit_latent_rgb(vae, images).tolist()
 
 
 def save(out: Path, vae, text_encoder, tokenizer, unet) -> None:
-    # Shipped with the VAE's config, where sdviz.preview looks first.
-    vae.register_to_config(**{PREVIEW_KEY: preview_factors(vae)})
     pipe = StableDiffusionPipeline(
         vae=vae.half(), text_encoder=text_encoder.half(), tokenizer=tokenizer, unet=unet.half(),
         scheduler=DDIMScheduler(**SD_SCHEDULE), safety_checker=None, feature_extractor=None,
@@ -292,7 +288,7 @@ def parse_args(argv=None):
     p.add_argument("--vae-batch", type=int, default=32, help="VAE crops per batch")
     p.add_argument("--vae-crop", type=int, default=32, help="side of the random crops the VAE trains on")
     p.add_argument("--vae-full-steps", type=int, default=400,
-                   help="the last VAE steps train on whole images, as many pixels per batch as the crops")
+                   help="the last VAE steps train on whole images (same batch size as the crops)")
     p.add_argument("--vae-lr", type=float, default=2e-3, help="VAE peak learning rate (AdamW)")
     p.add_argument("--vae-kl", type=float, default=1e-6, help="KL weight of the VAE loss")
     p.add_argument("--vae-from", type=Path, default=None, help="reuse the VAE of this pipeline folder, skipping stage 1")
@@ -343,7 +339,9 @@ def main(argv=None) -> None:
     latents = encode_all(vae, images)  # [N, 4, size/4, size/4]
     # Like SD's 0.18215: scale latents to unit variance for the diffusion schedule.
     args.scaling = float(1 / latents.std())
-    vae.register_to_config(scaling_factor=args.scaling)
+    # The preview factors go in the VAE's config, where sdviz.preview looks first; the VAE is final here,
+    # so they are fitted once for the final pipeline and every checkpoint.
+    vae.register_to_config(scaling_factor=args.scaling, **{PREVIEW_KEY: preview_factors(vae)})
     tokenizer = world_tokenizer()
     if args.unet_from:  # continue training (warm restart of the LR schedule, fresh optimiser)
         text_encoder = CLIPTextModel.from_pretrained(args.unet_from / "text_encoder", dtype=torch.float32)
