@@ -11,11 +11,25 @@ Data flows one way: loading → trace (attention + steps + tokens) → result �
 """
 
 from . import render
-from .generate import SCHEDULERS, Cancelled, Settings, generate
+from .generate import Cancelled, generate
 from .loading import PRESETS, ModelUnavailableError, load_pipeline
-from .result import TraceResult
+from .result import Filters, RunInfo, TraceResult
+from .settings import SCHEDULERS, Settings
 from .trace import Tracer, trace
 
-__all__ = ["load_pipeline", "trace", "Tracer", "TraceResult", "generate", "Settings", "SCHEDULERS", "Cancelled",
-           "render", "PRESETS", "ModelUnavailableError"]
+__all__ = [
+    "load_pipeline",
+    "trace",
+    "Tracer",
+    "TraceResult",
+    "RunInfo",
+    "Filters",
+    "generate",
+    "Settings",
+    "SCHEDULERS",
+    "Cancelled",
+    "render",
+    "PRESETS",
+    "ModelUnavailableError",
+]
 __version__ = "0.1.0"

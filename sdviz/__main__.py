@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from . import loading, report
-from .generate import SCHEDULERS, Settings, generate
+from . import settings as check
+from .generate import Settings, generate
 from .loading import PRESETS, load_pipeline, pick_device
 from .random_models import FAMILIES, build_random_pipeline
 
@@ -55,7 +56,7 @@ error, 130 when interrupted.
 
 
 def _size(text: str) -> tuple[int, int]:
-    """"512" → (512, 512); "768x512" → (width 768, height 512)."""
+    """ "512" → (512, 512); "768x512" → (width 768, height 512)."""
     m = re.fullmatch(r"\s*(\d+)\s*(?:[x×X*]\s*(\d+))?\s*", text)
     if not m:
         raise argparse.ArgumentTypeError(f"size must be N or WxH in pixels, e.g. 512 or 768x512; got {text!r}")
@@ -64,55 +65,93 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _scheduler(text: str) -> str:
-    squash = lambda s: re.sub(r"[\s_-]", "", s.lower())  # noqa: E731  "euler-a" finds "Euler a"
-    for name in SCHEDULERS:
-        if squash(name) == squash(text):
-            return name
-    raise argparse.ArgumentTypeError(f"unknown scheduler {text!r}; choose one of: {', '.join(SCHEDULERS)}")
+    try:
+        return check.scheduler_name(text)  # "euler-a" finds "Euler a"
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_settings(parser: argparse.ArgumentParser, default=None):
     """The per-prompt settings, shared by the command line and the settings at the end of a prompts-file line."""
-    parser.add_argument("--steps", type=int, default=default, metavar="N",
-                        help="denoising steps (default: the model preset's, else 20)")
-    parser.add_argument("--guidance", type=float, default=default, metavar="SCALE",
-                        help="classifier-free guidance scale; 0-1 turns guidance off (default: the preset's, else 7.5)")
-    parser.add_argument("--seed", type=int, default=default, metavar="N",
-                        help="random seed of the starting noise (default 0)")
-    parser.add_argument("--scheduler", type=_scheduler, default=default, metavar="NAME",
-                        help="DDIM, DDPM, Euler, 'Euler a', 'DPM++ 2M', PNDM, LMS or UniPC; case and spaces don't "
-                             "matter (default: the preset's, else the model's own)")
-    parser.add_argument("--size", type=_size, default=default, metavar="N|WxH",
-                        help="image size in pixels, multiples of 8: 512 or 768x512 (default: the model's)")
-    parser.add_argument("--negative", default=default, metavar="TEXT",
-                        help="negative prompt: what the image should not look like")
+    parser.add_argument(
+        "--steps", type=int, default=default, metavar="N", help="denoising steps (default: the model preset's, else 20)"
+    )
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=default,
+        metavar="SCALE",
+        help="classifier-free guidance scale; 0-1 turns guidance off (default: the preset's, else 7.5)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=default, metavar="N", help="random seed of the starting noise (default 0)"
+    )
+    parser.add_argument(
+        "--scheduler",
+        type=_scheduler,
+        default=default,
+        metavar="NAME",
+        help="DDIM, DDPM, Euler, 'Euler a', 'DPM++ 2M', PNDM, LMS or UniPC; case and spaces don't "
+        "matter (default: the preset's, else the model's own)",
+    )
+    parser.add_argument(
+        "--size",
+        type=_size,
+        default=default,
+        metavar="N|WxH",
+        help="image size in pixels, multiples of 8: 512 or 768x512 (default: the model's)",
+    )
+    parser.add_argument(
+        "--negative", default=default, metavar="TEXT", help="negative prompt: what the image should not look like"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sdviz",
         description="Trace Stable Diffusion generations and write a handout per prompt: per-word attention\n"
-                    "heatmaps, the step-by-step x0 previews, the latent, the noise schedule and a self-contained\n"
-                    "report.html that explains them.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "heatmaps, the step-by-step x0 previews, the latent, the noise schedule and a self-contained\n"
+        "report.html that explains them.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("prompt", nargs="?", help="the prompt (or give --prompts FILE for a batch)")
-    parser.add_argument("--prompts", type=Path, metavar="FILE",
-                        help="a text file with one prompt per line (see below); writes one folder per prompt")
-    parser.add_argument("--out", type=Path, default=Path("sdviz-out"), metavar="DIR",
-                        help="folder to write into, created if needed (default: ./sdviz-out)")
-    parser.add_argument("--model", metavar="NAME",
-                        help="a preset (toy, sd15, sd21-base, sd21, sd-turbo, sdxl), a Hugging Face Hub id, a local "
-                             "diffusers folder, or random-sd1 / random-sd2-base / random-sd2-v / random-sd-turbo / "
-                             "random-sdxl: tiny random-weight pipelines for testing (their pictures are noise). "
-                             "Default: toy, the built-in offline shapes model")
+    parser.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="FILE",
+        help="a text file with one prompt per line (see below); writes one folder per prompt",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("sdviz-out"),
+        metavar="DIR",
+        help="folder to write into, created if needed (default: ./sdviz-out)",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="NAME",
+        help="a preset (toy, sd15, sd21-base, sd21, sd-turbo, sdxl), a Hugging Face Hub id, a local "
+        "diffusers folder, or random-sd1 / random-sd2-base / random-sd2-v / random-sd-turbo / "
+        "random-sdxl: tiny random-weight pipelines for testing (their pictures are noise). "
+        "Default: toy, the built-in offline shapes model",
+    )
     _add_settings(parser)
-    parser.add_argument("--words", action="append", metavar="W1,W2",
-                        help="draw only these words' heatmaps (comma-separated, or repeat the option); in a batch, "
-                             "each prompt draws those it contains (default: every word)")
+    parser.add_argument(
+        "--words",
+        action="append",
+        metavar="W1,W2",
+        help="draw only these words' heatmaps (comma-separated, or repeat the option); in a batch, "
+        "each prompt draws those it contains (default: every word)",
+    )
     parser.add_argument("--device", metavar="NAME", help="cuda, mps or cpu (default: the best available)")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                        help="weights' precision (default: float16 on GPUs; float32 on CPU, or bfloat16 for large "
-                             "models on CPUs with AMX)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="weights' precision (default: float16 on GPUs; float32 on CPU, or bfloat16 for large "
+        "models on CPUs with AMX)",
+    )
     return parser
 
 
@@ -127,7 +166,7 @@ _OWN_SETTINGS = re.compile(r"\s(?=--[a-z])")  # where a line's own settings begi
 
 
 def split_line(line: str) -> tuple[str, dict]:
-    """"a red circle --seed 3" → ("a red circle", {"seed": 3}). ValueError for settings it can't read."""
+    """ "a red circle --seed 3" → ("a red circle", {"seed": 3}). ValueError for settings it can't read."""
     parts = _OWN_SETTINGS.split(" " + line.strip(), maxsplit=1)
     prompt = parts[0].strip()
     if len(parts) == 1:
@@ -144,9 +183,9 @@ def line_prompt(line: str) -> str:
 
 @dataclasses.dataclass
 class Job:
-    number: int          # 1-based position among the prompts
-    line: int | None     # line number in the prompts file; None for the prompt given on the command line
-    text: str            # the prompt, or the file's line as written (prompt and its own settings)
+    number: int  # 1-based position among the prompts
+    line: int | None  # line number in the prompts file; None for the prompt given on the command line
+    text: str  # the prompt, or the file's line as written (prompt and its own settings)
     out: Path
 
 
@@ -161,8 +200,10 @@ def read_jobs(args) -> list[Job]:
     if not kept:
         raise SystemExit(f"error: {args.prompts} has no prompts (blank lines and # comments are skipped)")
     width = max(2, len(str(len(kept))))
-    return [Job(n, i, text, args.out / f"{n:0{width}d}-{report.slug(line_prompt(text))}")
-            for n, (i, text) in enumerate(kept, 1)]
+    return [
+        Job(n, i, text, args.out / f"{n:0{width}d}-{report.slug(line_prompt(text))}")
+        for n, (i, text) in enumerate(kept, 1)
+    ]
 
 
 def default_settings(args, model: str):
@@ -170,11 +211,13 @@ def default_settings(args, model: str):
     preset = PRESETS.get(model)
     size = args.size or ((preset.size, preset.size) if preset else (None, None))
     return Settings(
-        prompt="", negative_prompt=args.negative or "",
+        prompt="",
+        negative_prompt=args.negative or "",
         steps=args.steps if args.steps is not None else (preset.steps if preset else 20),
         guidance=args.guidance if args.guidance is not None else (preset.guidance if preset else 7.5),
         seed=args.seed if args.seed is not None else 0,
-        width=size[0], height=size[1],
+        width=size[0],
+        height=size[1],
         scheduler=args.scheduler or (preset.scheduler if preset else None),
     )
 
@@ -199,19 +242,23 @@ def choose_model(name: str | None) -> str:
         return name
     if (loading.TOY_MODEL_DIR / "model_index.json").is_file():
         return "toy"
-    raise SystemExit(f"error: no --model given and the built-in toy model is not installed "
-                     f"({loading.TOY_MODEL_DIR} has no model_index.json; train it with `python -m sdviz.toy.train`). Pass --model: a preset "
-                     f"({', '.join(PRESETS)}), a Hub id, a local diffusers folder, or random-sd1 to test with "
-                     f"random weights.")
+    raise SystemExit(
+        f"error: no --model given and the built-in toy model is not installed "
+        f"({loading.TOY_MODEL_DIR} has no model_index.json; train it with `python -m sdviz.toy.train`). "
+        f"Pass --model: a preset "
+        f"({', '.join(PRESETS)}), a Hub id, a local diffusers folder, or random-sd1 to test with "
+        f"random weights."
+    )
 
 
 def open_model(name: str, device: str | None, dtype: str | None):
     torch_dtype = getattr(torch, dtype) if dtype else None
     if name.startswith("random-"):
-        family = name[len("random-"):]
+        family = name[len("random-") :]
         if family not in FAMILIES:
-            raise SystemExit(f"error: unknown test model {name!r}; choose one of "
-                             + ", ".join(f"random-{f}" for f in FAMILIES))
+            raise SystemExit(
+                f"error: unknown test model {name!r}; choose one of " + ", ".join(f"random-{f}" for f in FAMILIES)
+            )
         pipe = build_random_pipeline(family).to(pick_device(device))
         if torch_dtype not in (None, torch.float32):
             pipe = pipe.to(torch_dtype)
@@ -226,8 +273,18 @@ def open_model(name: str, device: str | None, dtype: str | None):
 
 def reproduce(settings, model: str) -> str:
     """The command line that makes this run again."""
-    parts = ["python -m sdviz", shlex.quote(settings.prompt), "--model", shlex.quote(model),
-             "--steps", str(settings.steps), "--guidance", f"{settings.guidance:g}", "--seed", str(settings.seed)]
+    parts = [
+        "python -m sdviz",
+        shlex.quote(settings.prompt),
+        "--model",
+        shlex.quote(model),
+        "--steps",
+        str(settings.steps),
+        "--guidance",
+        f"{settings.guidance:g}",
+        "--seed",
+        str(settings.seed),
+    ]
     if settings.scheduler:
         parts += ["--scheduler", shlex.quote(settings.scheduler)]
     if settings.width and settings.height:
@@ -252,8 +309,9 @@ def present_words(run, wanted: list[str] | None) -> list[str] | None:
     if not found:
         raise ValueError(f"the prompt contains none of --words {', '.join(wanted)}; its words are: {listing}")
     if missing:
-        tqdm.write(f"note: {run.prompt!r} has no word {', '.join(missing)}; drawing {', '.join(found)}",
-                   file=sys.stderr)
+        tqdm.write(
+            f"note: {run.prompt!r} has no word {', '.join(missing)}; drawing {', '.join(found)}", file=sys.stderr
+        )
     return found
 
 
@@ -287,8 +345,11 @@ def run_job(pipe, job: Job, base, model: str, wanted, device_label: str, nested:
         bar.close()
     seconds = time.perf_counter() - start
     words = present_words(run, wanted)
-    extra = {"Device": device_label, "Generation time": f"{seconds:.1f} s",
-             "Reproduce with": reproduce(settings, model)}
+    extra = {
+        "Device": device_label,
+        "Generation time": f"{seconds:.1f} s",
+        "Reproduce with": reproduce(settings, model),
+    }
     return write_outputs(job.out, run, image, settings, model, words, extra)
 
 
@@ -302,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.prompt is None) == (args.prompts is None):
         parser.error("give one prompt, or --prompts FILE for a batch (not both)")
     if args.prompt is not None and not args.prompt.strip():
-        parser.error("the prompt is empty: type what the image should show, e.g. \"a red circle\"")
+        parser.error('the prompt is empty: type what the image should show, e.g. "a red circle"')
     try:
         return _run(args, parser)
     except SystemExit as stop:

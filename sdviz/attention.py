@@ -16,9 +16,9 @@ import torch
 
 @dataclass(frozen=True)
 class LayerInfo:
-    name: str     # module name in the U-Net, e.g. "down_blocks.0.attentions.1.transformer_blocks.0.attn2"
-    block: str    # "down", "mid" or "up"
-    height: int   # the layer's own latent resolution
+    name: str  # module name in the U-Net, e.g. "down_blocks.0.attentions.1.transformer_blocks.0.attn2"
+    block: str  # "down", "mid" or "up"
+    height: int  # the layer's own latent resolution
     width: int
     heads: int
 
@@ -82,8 +82,9 @@ class CrossAttentionRecorder:
         self._pass_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
         self._accepted = set(params)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         if not self._pass_all:
             # Attention.forward filters kwargs by *our* signature; filter again for the original's.
             kwargs = {k: v for k, v in kwargs.items() if k in self._accepted}

@@ -13,15 +13,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
 from . import render
-from .generate import SCHEDULERS, Cancelled, Settings, generate
+from . import settings as check
+from .generate import Cancelled, Settings, generate
 from .result import TraceResult
 
 VARY = ("guidance", "steps", "scheduler", "seed")
@@ -30,7 +31,7 @@ MAX_VARIANTS = 4
 
 @dataclass
 class Variant:
-    label: str               # what the column is titled: "guidance 7.5", "20 steps", "DDIM", "seed 3", a prompt
+    label: str  # what the column is titled: "guidance 7.5", "20 steps", "DDIM", "seed 3", a prompt
     settings: Settings
     image: Image.Image
     run: TraceResult
@@ -48,31 +49,18 @@ def variant_settings(base: Settings, vary: str, values: Sequence) -> list[tuple[
     out = []
     for value in values:
         if vary == "guidance":
-            value, label = float(value), f"guidance {float(value):g}"
+            value = check.guidance(value)
+            label = f"guidance {value:g}"
         elif vary == "steps":
-            value, label = _whole(value, "steps"), f"{_whole(value, 'steps')} steps"
+            value = check.steps(value)
+            label = f"{value} steps"
         elif vary == "seed":
-            value, label = _whole(value, "seed"), f"seed {_whole(value, 'seed')}"
+            value = check.seed(value)
+            label = f"seed {value}"
         else:
-            if value not in SCHEDULERS:
-                raise ValueError(f"unknown scheduler {value!r}; choose from {', '.join(SCHEDULERS)}")
-            label = value
-        settings = dataclasses.replace(base, **{vary: value})
-        settings.check()
-        out.append((label, settings))
+            value = label = check.scheduler_name(value)
+        out.append((label, dataclasses.replace(base, **{vary: value}).check()))
     return out
-
-
-def _whole(value, name: str) -> int:
-    if isinstance(value, str):
-        value = value.strip()
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a whole number; got {value!r}") from None
-    if number != int(number):
-        raise ValueError(f"{name} must be a whole number; got {value!r}")
-    return int(number)
 
 
 def _run_plan(pipe, plan: list[tuple[str, Settings]], on_step: Callable | None, negative: bool):
@@ -89,8 +77,9 @@ def _run_plan(pipe, plan: list[tuple[str, Settings]], on_step: Callable | None, 
         yield done[-1]
 
 
-def iter_variants(pipe, base: Settings, vary: str, values: Sequence, on_step: Callable | None = None,
-                  negative: bool = True):
+def iter_variants(
+    pipe, base: Settings, vary: str, values: Sequence, on_step: Callable | None = None, negative: bool = True
+):
     """An iterator of Variants, each as soon as it is done (for an app that shows them one by one).
 
     on_step(variant_index, step_index, total_steps, latents) runs after every denoising step of every
@@ -101,8 +90,9 @@ def iter_variants(pipe, base: Settings, vary: str, values: Sequence, on_step: Ca
     return _run_plan(pipe, plan, on_step, negative)
 
 
-def run_variants(pipe, base: Settings, vary: str, values: Sequence, on_step: Callable | None = None,
-                 negative: bool = True) -> list[Variant]:
+def run_variants(
+    pipe, base: Settings, vary: str, values: Sequence, on_step: Callable | None = None, negative: bool = True
+) -> list[Variant]:
     """Run `base` once per value of `vary` ("guidance", "steps", "scheduler" or "seed"), one after another.
 
     Up to four values; every other setting (prompt, seed, size…) stays as in `base`. See `iter_variants`
@@ -129,8 +119,9 @@ def changed_words(a: str | Sequence[str], b: str | Sequence[str]) -> tuple[list[
     return only_a, only_b
 
 
-def run_prompt_pair(pipe, base: Settings, prompt_a: str, prompt_b: str, on_step: Callable | None = None,
-                    negative: bool = True) -> list[Variant]:
+def run_prompt_pair(
+    pipe, base: Settings, prompt_a: str, prompt_b: str, on_step: Callable | None = None, negative: bool = True
+) -> list[Variant]:
     """Two runs of `base` with the same seed and settings, one per prompt ("a red circle" vs "a blue circle").
 
     Each returned Variant's `word` is its first changed word (None if its prompt only lacks words), so
@@ -139,8 +130,10 @@ def run_prompt_pair(pipe, base: Settings, prompt_a: str, prompt_b: str, on_step:
     if not prompt_a.strip() or not prompt_b.strip():
         raise ValueError("type two prompts to compare, e.g. 'a red circle' and 'a blue circle'")
     if changed_words(prompt_a, prompt_b) == ([], []):
-        raise ValueError(f"the two prompts have the same words ({prompt_a!r}); change a word in one of them, "
-                         f"e.g. 'a red circle' and 'a blue circle'")
+        raise ValueError(
+            f"the two prompts have the same words ({prompt_a!r}); change a word in one of them, "
+            f"e.g. 'a red circle' and 'a blue circle'"
+        )
     plan = [(prompt, dataclasses.replace(base, prompt=prompt)) for prompt in (prompt_a, prompt_b)]
     for _, settings in plan:
         settings.check()
@@ -180,8 +173,14 @@ def _off(ax):
         spine.set_visible(False)
 
 
-def compare_figure(variants: Sequence[Variant], word: str | Sequence[str | None] | None = None,
-                   step: int | None = None, which: str = "x0", vae=None, **filters) -> Figure:
+def compare_figure(
+    variants: Sequence[Variant],
+    word: str | Sequence[str | None] | None = None,
+    step: int | None = None,
+    which: str = "x0",
+    vae=None,
+    **filters,
+) -> Figure:
     """One column per variant: the final image, the `which` latent at a shared step, and `word`'s heatmap.
 
     word: one word for every variant, one per variant (a prompt pair's changed words), or None to use
@@ -225,8 +224,9 @@ def compare_figure(variants: Sequence[Variant], word: str | Sequence[str | None]
             _off(ax)
         if c == 0:
             final.set_ylabel("final image", fontsize=9)
-            mid.set_ylabel(f"{which} at shared step\n({'VAE decode' if vae is not None else 'fast preview'})",
-                           fontsize=9)
+            mid.set_ylabel(
+                f"{which} at shared step\n({'VAE decode' if vae is not None else 'fast preview'})", fontsize=9
+            )
             if rows == 3:
                 panels[2].set_ylabel("heatmap (shared scale)", fontsize=9)
     fig.tight_layout()

@@ -7,67 +7,30 @@ through `callback_on_step_end`, and always leaves the pipeline as it found it.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
 
+from .result import TraceResult
+from .settings import SCHEDULERS, Settings
 from .trace import trace
 
-SCHEDULERS = {
-    "DDIM": DDIMScheduler,
-    "DDPM": DDPMScheduler,
-    "Euler": EulerDiscreteScheduler,
-    "Euler a": EulerAncestralDiscreteScheduler,
-    "DPM++ 2M": DPMSolverMultistepScheduler,
-    "PNDM": PNDMScheduler,
-    "LMS": LMSDiscreteScheduler,
-    "UniPC": UniPCMultistepScheduler,
-}
-
-MAX_SIDE = 2048
+__all__ = ["Cancelled", "Settings", "SCHEDULERS", "generate", "use_scheduler"]
 
 
 class Cancelled(Exception):
-    """Raised from a step callback to stop a generation; the pipeline is restored as after any error."""
+    """Raised from a step callback to stop a generation; the pipeline is restored as after any error.
 
+    `generate` fills `result` with the partial trace of the stopped run, and comparisons fill
+    `variants` with the variants that finished before it.
+    """
 
-@dataclass
-class Settings:
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 20
-    guidance: float = 7.5
-    seed: int = 0
-    width: int | None = None
-    height: int | None = None
-    scheduler: str | None = None   # a key of SCHEDULERS; None keeps the pipeline's own
+    result: TraceResult | None
+    variants: list
 
-    def check(self, max_steps: int = 150, max_side: int = MAX_SIDE):
-        """Raise ValueError with what to do for settings the pipeline can't run."""
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= max_steps:
-            raise ValueError(f"steps must be a whole number from 1 to {max_steps}; got {self.steps}")
-        if not -1e-9 <= self.guidance <= 50:
-            raise ValueError(f"guidance scale must be between 0 and 50 (7.5 is typical, 0–1 turns guidance off); "
-                             f"got {self.guidance}")
-        for name, side in (("width", self.width), ("height", self.height)):
-            if side is None:
-                continue
-            if side % 8 or not 8 <= side <= max_side:
-                raise ValueError(f"{name} must be a multiple of 8 between 8 and {max_side}; got {side}")
-        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be a whole number from 0 to 2**63-1; got {self.seed!r}")
+    def __init__(self, message: str = "stopped", result: TraceResult | None = None, variants=()):
+        super().__init__(message)
+        self.result = result
+        self.variants = list(variants)
 
 
 @contextlib.contextmanager
@@ -91,7 +54,7 @@ def generate(pipe, settings: Settings, on_step=None, negative: bool = True, per_
     predicted clean latent x0 ([1, C, h, w], what live previews show); raise `Cancelled` from it
     to stop. The partial trace of a cancelled run is on the exception: `err.result`.
     """
-    settings.check()
+    settings = settings.check()
     generator = torch.Generator("cpu").manual_seed(settings.seed)
 
     def callback(pipeline, step_index, timestep, kwargs):
@@ -100,8 +63,13 @@ def generate(pipe, settings: Settings, on_step=None, negative: bool = True, per_
         return {}
 
     with use_scheduler(pipe, settings.scheduler):
-        tracer = trace(pipe, negative=negative, per_head=per_head, prompt=settings.prompt,
-                       negative_prompt=settings.negative_prompt or None)
+        tracer = trace(
+            pipe,
+            negative=negative,
+            per_head=per_head,
+            prompt=settings.prompt,
+            negative_prompt=settings.negative_prompt or None,
+        )
         try:
             with tracer:
                 image = pipe(
@@ -114,8 +82,7 @@ def generate(pipe, settings: Settings, on_step=None, negative: bool = True, per_
                     generator=generator,
                     callback_on_step_end=callback,
                 ).images[0]
-        except BaseException as err:
+        except Cancelled as err:
             err.result = tracer.result  # what was recorded before the stop
             raise
     return image, tracer.result
-

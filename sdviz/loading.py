@@ -19,9 +19,9 @@ TOY_MODEL_DIR = Path(__file__).parent / "toy" / "model"
 
 @dataclass(frozen=True)
 class Preset:
-    source: str          # Hub id or folder
-    label: str           # what the app shows
-    steps: int           # sensible defaults for this model
+    source: str  # Hub id or folder
+    label: str  # what the app shows
+    steps: int  # sensible defaults for this model
     guidance: float
     size: int
     scheduler: str
@@ -31,10 +31,12 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "toy": Preset(str(TOY_MODEL_DIR), "Built-in shapes-world model (offline, 64×64)", 20, 4.0, 64, "DDIM"),
     "sd15": Preset("stable-diffusion-v1-5/stable-diffusion-v1-5", "Stable Diffusion 1.5", 25, 7.5, 512, "DPM++ 2M"),
-    "sd21-base": Preset("stabilityai/stable-diffusion-2-1-base", "Stable Diffusion 2.1 base (512)", 25, 7.5, 512,
-                        "DPM++ 2M"),
-    "sd21": Preset("stabilityai/stable-diffusion-2-1", "Stable Diffusion 2.1 (768, v-prediction)", 25, 7.5, 768,
-                   "DPM++ 2M"),
+    "sd21-base": Preset(
+        "stabilityai/stable-diffusion-2-1-base", "Stable Diffusion 2.1 base (512)", 25, 7.5, 512, "DPM++ 2M"
+    ),
+    "sd21": Preset(
+        "stabilityai/stable-diffusion-2-1", "Stable Diffusion 2.1 (768, v-prediction)", 25, 7.5, 768, "DPM++ 2M"
+    ),
     "sd-turbo": Preset("stabilityai/sd-turbo", "SD-Turbo (1–4 steps, no guidance)", 2, 0.0, 512, "Euler a", 4),
     "sdxl": Preset("stabilityai/stable-diffusion-xl-base-1.0", "Stable Diffusion XL base", 30, 7.0, 1024, "Euler"),
 }
@@ -77,10 +79,12 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _offline_message(name: str, why: str) -> str:
-    return (f"Can't load {name!r}: {why}. It is not in the local Hugging Face cache either. "
-            f"Download it once on a connected machine (`huggingface-cli download {name}`) and copy the cache "
-            f"(~/.cache/huggingface), or pass a local diffusers folder, or use the built-in offline model "
-            f"`load_pipeline(\"toy\")`.")
+    return (
+        f"Can't load {name!r}: {why}. It is not in the local Hugging Face cache either. "
+        f"Download it once on a connected machine (`huggingface-cli download {name}`) and copy the cache "
+        f"(~/.cache/huggingface), or pass a local diffusers folder, or use the built-in offline model "
+        f'`load_pipeline("toy")`.'
+    )
 
 
 def resolve(name_or_path: str) -> str:
@@ -108,18 +112,23 @@ def load_pipeline(name_or_path: str = "toy", device=None, dtype: torch.dtype | N
 
     if local.is_dir():
         if not (local / "model_index.json").is_file():
-            raise FileNotFoundError(f"{local} is a folder but not a diffusers pipeline (no model_index.json). "
-                                    f"Save one with pipe.save_pretrained(folder).")
+            raise FileNotFoundError(
+                f"{local} is a folder but not a diffusers pipeline (no model_index.json). "
+                f"Save one with pipe.save_pretrained(folder)."
+            )
         pipe = DiffusionPipeline.from_pretrained(str(local), **_extra_kwargs(local / "model_index.json"), **kwargs)
     elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
         pipe = _from_hub(source, kwargs)
     else:
         presets = ", ".join(PRESETS)
         if str(name_or_path) == "toy":
-            raise FileNotFoundError(f"the built-in model is missing from {TOY_MODEL_DIR}; reinstall sdviz or train "
-                                    f"it with `python -m sdviz.toy.train`")
-        raise FileNotFoundError(f"{name_or_path!r} is not a preset ({presets}), not a local folder and not a Hub "
-                                f"id of the form owner/name")
+            raise FileNotFoundError(
+                f"the built-in model is missing from {TOY_MODEL_DIR}; reinstall sdviz or train "
+                f"it with `python -m sdviz.toy.train`"
+            )
+        raise FileNotFoundError(
+            f"{name_or_path!r} is not a preset ({presets}), not a local folder and not a Hub id of the form owner/name"
+        )
     _check_traceable(pipe, source)
     return pipe.to(device)
 
@@ -155,13 +164,16 @@ def _from_hub(repo_id: str, kwargs: dict):
         return DiffusionPipeline.from_pretrained(repo_id, local_files_only=True, **extra, **kwargs)
     except Exception:
         if not _hub_reachable():
-            raise ModelUnavailableError(_offline_message(repo_id, "its weights are not cached and the Hub "
-                                                                  "can't be reached")) from None
+            raise ModelUnavailableError(
+                _offline_message(repo_id, "its weights are not cached and the Hub can't be reached")
+            ) from None
         return DiffusionPipeline.from_pretrained(repo_id, **extra, **kwargs)
 
 
 def _check_traceable(pipe, source: str):
     unet = getattr(pipe, "unet", None)
     if unet is None or not any("attn2" in k for k in getattr(unet, "attn_processors", {})):
-        raise TypeError(f"{source} loads as {type(pipe).__name__}, which has no U-Net with cross-attention; "
-                        f"sdviz traces Stable Diffusion 1.x, 2.x, Turbo and XL pipelines")
+        raise TypeError(
+            f"{source} loads as {type(pipe).__name__}, which has no U-Net with cross-attention; "
+            f"sdviz traces Stable Diffusion 1.x, 2.x, Turbo and XL pipelines"
+        )

@@ -12,28 +12,54 @@ import torch
 import torch.nn.functional as F
 
 # rows: latent channels 0..3; columns: R, G, B; output in [-1, 1]
-_SD_FACTORS = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
-_SDXL_FACTORS = [[0.3920, 0.4054, 0.4549], [-0.2634, -0.0196, 0.0653], [0.0568, 0.1687, -0.0755], [-0.3112, -0.2359, -0.2076]]
+_SD_FACTORS = [
+    [0.3512, 0.2297, 0.3227],
+    [0.3250, 0.4974, 0.2350],
+    [-0.2829, 0.1762, 0.2721],
+    [-0.2120, -0.2616, -0.7177],
+]
+_SDXL_FACTORS = [
+    [0.3920, 0.4054, 0.4549],
+    [-0.2634, -0.0196, 0.0653],
+    [0.0568, 0.1687, -0.0755],
+    [-0.3112, -0.2359, -0.2076],
+]
 _SD_VAE_CHANNELS = [128, 256, 512, 512]
-CONFIG_KEY = "_sdviz_latent_rgb"   # kept by diffusers in a VAE's config.json (private keys survive loading)
+CONFIG_KEY = "_sdviz_latent_rgb"  # kept by diffusers in a VAE's config.json (private keys survive loading)
+
+
+def preview_map(pipe) -> tuple[torch.Tensor | None, str]:
+    """The pipeline's latent → RGB map, [C + 1, 3] float32 (channel weights, then the bias row), and its source.
+
+    In order: factors the model folder ships (`_sdviz_latent_rgb` in the VAE's config.json, as the
+    built-in model does) → "shipped"; the published factors for SD's own VAE → "published"; a
+    least-squares fit to this VAE → "fitted". Never raises: a VAE that can't be fitted gives
+    (None, "none"), and previews then need an exact decode.
+    """
+    vae, unet = getattr(pipe, "vae", None), getattr(pipe, "unet", None)
+    if vae is None:
+        return None, "none"
+    config = vae.config
+    shipped = config.get(CONFIG_KEY)
+    if shipped is not None:
+        return torch.tensor(shipped, dtype=torch.float32), "shipped"
+    channels = config.get("block_out_channels")
+    if channels is not None and list(channels) == _SD_VAE_CHANNELS and config.get("latent_channels") == 4:
+        sdxl = unet is not None and unet.config.get("addition_embed_type") == "text_time"
+        weights = torch.tensor(_SDXL_FACTORS if sdxl else _SD_FACTORS)
+        return torch.cat([weights, torch.zeros(1, 3)]), "published"
+    try:
+        return fit_latent_rgb(vae), "fitted"
+    except Exception:  # a VAE of a kind sdviz doesn't know: no preview map, and nothing else breaks
+        return None, "none"
 
 
 def latent_rgb_factors(pipe) -> torch.Tensor:
-    """[C + 1, 3] float32: the weights of each latent channel, then the bias row.
-
-    In order: factors the model folder ships (`_sdviz_latent_rgb` in the VAE's config.json, as the
-    built-in model does), the published factors for SD's own VAE, else a fit to this VAE.
-    """
-    vae, unet = pipe.vae, pipe.unet
-    shipped = vae.config.get(CONFIG_KEY)
-    if shipped is not None:
-        return torch.tensor(shipped, dtype=torch.float32)
-    real_sd_vae = list(vae.config.block_out_channels) == _SD_VAE_CHANNELS and vae.config.latent_channels == 4
-    if real_sd_vae:
-        sdxl = unet.config.get("addition_embed_type") == "text_time"
-        weights = torch.tensor(_SDXL_FACTORS if sdxl else _SD_FACTORS)
-        return torch.cat([weights, torch.zeros(1, 3)])
-    return fit_latent_rgb(vae)
+    """The map of `preview_map`; ValueError when this VAE has none."""
+    factors, _ = preview_map(pipe)
+    if factors is None:
+        raise ValueError(f"sdviz has no latent → RGB preview map for {type(pipe.vae).__name__}: decode exactly instead")
+    return factors
 
 
 def calibration_images(size: int = 32, smooth: int = 8, seed: int = 0) -> torch.Tensor:
@@ -51,17 +77,21 @@ def fit_latent_rgb(vae, images: torch.Tensor | None = None) -> torch.Tensor:
     `calibration_images()`), pool each image to latent size, regress RGB on the latent per position."""
     images = calibration_images() if images is None else images
     param = next(vae.parameters())
-    target = images.float() * 2 - 1                                                  # [N, 3, H, W] in [-1, 1]
-    latents = vae.encode(target.to(param.device, param.dtype)).latent_dist.mean.float().cpu()
-    latents = latents * vae.config.scaling_factor                                    # [N, C, h, w]
-    target = F.adaptive_avg_pool2d(target, latents.shape[-2:])                       # [N, 3, h, w]
-    x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])                    # [N·h·w, C]
-    x = torch.cat([x, torch.ones(len(x), 1)], dim=1)                                 # [N·h·w, C + 1]
-    y = target.permute(0, 2, 3, 1).reshape(-1, 3)                                    # [N·h·w, 3]
-    return torch.linalg.lstsq(x, y).solution.float()                                 # [C + 1, 3]
+    target = images.float() * 2 - 1  # [N, 3, H, W] in [-1, 1]
+    encoded = vae.encode(target.to(param.device, param.dtype))
+    # AutoencoderKL gives a distribution (its mean is the latent); AutoencoderTiny gives the latents.
+    dist = getattr(encoded, "latent_dist", None)
+    latents = (dist.mean if dist is not None else encoded.latents).float().cpu()
+    shift, scale = vae.config.get("shift_factor") or 0.0, vae.config.get("scaling_factor") or 1.0
+    latents = (latents - shift) * scale  # [N, C, h, w], as the U-Net sees them
+    target = F.adaptive_avg_pool2d(target, latents.shape[-2:])  # [N, 3, h, w]
+    x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])  # [N·h·w, C]
+    x = torch.cat([x, torch.ones(len(x), 1)], dim=1)  # [N·h·w, C + 1]
+    y = target.permute(0, 2, 3, 1).reshape(-1, 3)  # [N·h·w, 3]
+    return torch.linalg.lstsq(x, y).solution.float()  # [C + 1, 3]
 
 
 def latent_to_rgb(latent: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """latent [C, h, w] → uint8 image [h, w, 3] through the linear map."""
-    rgb = latent.float().permute(1, 2, 0) @ factors[:-1] + factors[-1]               # [h, w, 3] in ~[-1, 1]
+    rgb = latent.float().permute(1, 2, 0) @ factors[:-1] + factors[-1]  # [h, w, 3] in ~[-1, 1]
     return ((rgb + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)

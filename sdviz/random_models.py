@@ -14,8 +14,8 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     EulerAncestralDiscreteScheduler,
-    PNDMScheduler,
     EulerDiscreteScheduler,
+    PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -37,7 +37,9 @@ COMMON_WORDS = (
 @lru_cache(maxsize=1)
 def _byte_symbols() -> tuple[str, ...]:
     """GPT-2/CLIP's reversible byte → printable-unicode table, as 256 symbols in byte order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -76,7 +78,7 @@ def build_tokenizer(words=COMMON_WORDS, model_max_length: int = 77) -> CLIPToken
                 ranks[(pieces[0], pieces[1])] = len(merges)
                 merges.append((pieces[0], pieces[1]))
                 vocab.setdefault(pieces[0] + pieces[1], len(vocab))
-            pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+            pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
@@ -86,8 +88,9 @@ def _width(full: bool, full_value, tiny_value):
     return full_value if full else tiny_value
 
 
-def _text_encoder(tokenizer, hidden: int, layers: int, heads: int, act: str, projection: int | None = None,
-                  full_vocab: bool = False):
+def _text_encoder(
+    tokenizer, hidden: int, layers: int, heads: int, act: str, projection: int | None = None, full_vocab: bool = False
+):
     config = CLIPTextConfig(
         vocab_size=49408 if full_vocab else len(tokenizer),
         hidden_size=hidden,
@@ -175,27 +178,49 @@ def build_random_pipeline(family: str = "sd1", full: bool = False, seed: int = 0
     ).eval()
     vae = _vae(full, 0.18215)
     if family == "sd-turbo":
-        scheduler = EulerAncestralDiscreteScheduler(**{k: v for k, v in _sd_scheduler_config(spacing="trailing").items()
-                                                      if k not in ("clip_sample", "set_alpha_to_one")})
+        scheduler = EulerAncestralDiscreteScheduler(
+            **{
+                k: v
+                for k, v in _sd_scheduler_config(spacing="trailing").items()
+                if k not in ("clip_sample", "set_alpha_to_one")
+            }
+        )
     elif family == "sd2-v":
         scheduler = DDIMScheduler(**_sd_scheduler_config("v_prediction"))
     else:
-        scheduler = PNDMScheduler(skip_prk_steps=True, **{k: v for k, v in _sd_scheduler_config().items()
-                                                          if k != "clip_sample"})
+        scheduler = PNDMScheduler(
+            skip_prk_steps=True, **{k: v for k, v in _sd_scheduler_config().items() if k != "clip_sample"}
+        )
     # Real checkpoints' scheduler_config.json carries every key, so other schedulers built
     # from it (DDIM, DDPM) keep SD's values instead of their own defaults (clip_sample=True).
-    scheduler.register_to_config(**_sd_scheduler_config(scheduler.config.prediction_type, scheduler.config.timestep_spacing))
+    scheduler.register_to_config(
+        **_sd_scheduler_config(scheduler.config.prediction_type, scheduler.config.timestep_spacing)
+    )
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
 def _build_sdxl(tokenizer, full: bool, full_vocab: bool):
-    te1 = _text_encoder(tokenizer, 768 if full else 32, 12 if full else 2, 12 if full else 4, "quick_gelu",
-                        full_vocab=full_vocab)
-    te2 = _text_encoder(tokenizer, 1280 if full else 32, 32 if full else 2, 20 if full else 4, "gelu",
-                        projection=1280 if full else 32, full_vocab=full_vocab)
+    te1 = _text_encoder(
+        tokenizer, 768 if full else 32, 12 if full else 2, 12 if full else 4, "quick_gelu", full_vocab=full_vocab
+    )
+    te2 = _text_encoder(
+        tokenizer,
+        1280 if full else 32,
+        32 if full else 2,
+        20 if full else 4,
+        "gelu",
+        projection=1280 if full else 32,
+        full_vocab=full_vocab,
+    )
     time_dim = 256 if full else 8
     unet = UNet2DConditionModel(
         sample_size=128 if full else 16,
@@ -219,6 +244,12 @@ def _build_sdxl(tokenizer, full: bool, full_vocab: bool):
     scheduler = EulerDiscreteScheduler(**cfg)
     scheduler.register_to_config(**_sd_scheduler_config())
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer,
-        unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        vae=vae,
+        text_encoder=te1,
+        text_encoder_2=te2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
     )

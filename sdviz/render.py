@@ -11,8 +11,8 @@ import math
 
 import matplotlib
 import numpy as np
-from matplotlib.ticker import MaxNLocator
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from .result import TraceResult
@@ -50,8 +50,16 @@ def overlay(image, heatmap: np.ndarray, cmap: str = "jet", alpha: float = 0.5, n
     return Image.blend(base, heat, alpha)
 
 
-def word_grid(run: TraceResult, image, words=None, cols: int = 4, cmap: str = "jet", alpha: float = 0.5,
-              negative: bool = False, **filters) -> Figure:
+def word_grid(
+    run: TraceResult,
+    image,
+    words=None,
+    cols: int = 4,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    negative: bool = False,
+    **filters,
+) -> Figure:
     """One overlay per word (all words by default), titled with the word, in a grid."""
     words = words or [w.text for w in (run.negative_words if negative else run.words)]
     if not words:
@@ -76,7 +84,7 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 def latent_rgb(latent, size: int | None = None) -> Image.Image:
     """z[0:3] as R, G, B, each channel stretched between its 1st and 99th percentile."""
-    z = np.asarray(latent, dtype=np.float32)                          # [C, h, w]
+    z = np.asarray(latent, dtype=np.float32)  # [C, h, w]
     rgb = np.stack([_normalise(z[c]) for c in range(min(3, len(z)))], -1)
     img = Image.fromarray((rgb * 255).round().astype(np.uint8))
     return img.resize((size, size * img.height // img.width), Image.NEAREST) if size else img
@@ -120,9 +128,11 @@ def schedule_plot(run: TraceResult, step: int | None = None) -> Figure:
     steps = np.arange(1, run.num_steps + 1)
     fig = Figure(figsize=(6.4, 3.6))
     axes = [fig.add_subplot(3, 1, i + 1) for i in range(3)]
-    series = [(run.timesteps, "timestep t", "tab:blue", False),
-              (run.sigmas, "sigma σ (log)", "tab:red", True),
-              (run.alpha_bars, "alpha-bar ᾱ", "tab:green", False)]
+    series = [
+        (run.timesteps, "timestep t", "tab:blue", False),
+        (run.sigmas, "sigma σ (log)", "tab:red", True),
+        (run.alpha_bars, "alpha-bar ᾱ", "tab:green", False),
+    ]
     for ax, (values, label, colour, log) in zip(axes, series):
         ax.plot(steps, np.asarray(values), marker="o", markersize=3, color=colour)
         ax.set_ylabel(label, fontsize=8)
@@ -136,7 +146,7 @@ def schedule_plot(run: TraceResult, step: int | None = None) -> Figure:
         ax.tick_params(labelbottom=False)
     axes[-1].set_xlabel("denoising step", fontsize=8)
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
-    title = f"{run.info.get('scheduler', '')}: noise schedule"
+    title = f"{run.info.scheduler}: noise schedule"
     if step is not None:
         title += f" (step {step + 1}/{run.num_steps}, t={run.timesteps[step]:.0f})"
     axes[0].set_title(title, fontsize=9)
@@ -146,7 +156,7 @@ def schedule_plot(run: TraceResult, step: int | None = None) -> Figure:
 
 def attention_over_time(run: TraceResult, negative: bool = False, **filters) -> Figure:
     """Each word's share of the attention paid to words, per step (stacked; see `word_shares`)."""
-    shares = run.word_shares(negative=negative, **filters)                 # [S, n_words]
+    shares = run.word_shares(negative=negative, **filters)  # [S, n_words]
     words = run.negative_words if negative else run.words
     steps = np.arange(1, len(shares) + 1)
     fig = Figure(figsize=(6.4, 3.2))
@@ -164,8 +174,11 @@ def attention_over_time(run: TraceResult, negative: bool = False, **filters) -> 
     return fig
 
 
-def region_bars(scores: dict[str, float], title: str | None = "Which words this region attended to",
-                xlabel: str = "mean attention probability in the region") -> Figure:
+def region_bars(
+    scores: dict[str, float],
+    title: str | None = "Which words this region attended to",
+    xlabel: str = "mean attention probability in the region",
+) -> Figure:
     """Horizontal bar chart of {word: score}, highest on top; `title=None` draws none (e.g. under a panel label)."""
     items = list(scores.items())[:20]
     fig = Figure(figsize=(5.0, 0.35 * len(items) + 1.0))

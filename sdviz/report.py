@@ -19,8 +19,8 @@ from pathlib import Path
 from PIL import Image
 
 from . import render
-from .generate import Settings
 from .result import TraceResult
+from .settings import Settings
 
 MIN_SIDE = 256  # small images (the 64×64 toy model) are enlarged to at least this, pixel for pixel
 
@@ -30,7 +30,7 @@ def report_words(run: TraceResult, words=None) -> list[str]:
     """The words to draw: `words` checked against the prompt (KeyError lists its words), else each distinct word."""
     if words:
         for word in words:
-            run.token_indices(word)          # raises KeyError naming the prompt's words
+            run.token_indices(word)  # raises KeyError naming the prompt's words
         return list(dict.fromkeys(words))
     return list(dict.fromkeys(w.text.lower() for w in run.words))
 
@@ -61,7 +61,7 @@ def handout_images(run: TraceResult, image: Image.Image, words=None, strip: int 
         for i, word in enumerate(chosen, 1):
             pictures[f"heatmap-{i:02d}-{slug(word)}.png"] = render.overlay(big, run.heatmap(word))
     pictures["steps.png"] = render.to_image(render.step_strip(run, count=strip))
-    final = run.latent(0, "final").numpy()                                  # [C, h, w]
+    final = run.latent(0, "final").numpy()  # [C, h, w]
     pictures["latent-rgb.png"] = render.latent_rgb(final, size=MIN_SIDE)
     pictures["latent-channels.png"] = render.latent_channels(final, size=MIN_SIDE // 2, gap=4)
     pictures["schedule.png"] = render.to_image(render.schedule_plot(run))
@@ -79,12 +79,14 @@ def _data_uri(image: Image.Image) -> str:
 
 def _img(image: Image.Image, alt: str, cls: str = "") -> str:
     pixelated = ' style="image-rendering: pixelated"' if min(image.size) < MIN_SIDE else ""
-    return (f'<img class="{cls}" src="{_data_uri(image)}" alt="{html.escape(alt)}" '
-            f'width="{image.width}" height="{image.height}"{pixelated}>')
+    return (
+        f'<img class="{cls}" src="{_data_uri(image)}" alt="{html.escape(alt)}" '
+        f'width="{image.width}" height="{image.height}"{pixelated}>'
+    )
 
 
 def _peak(run: TraceResult, word: str) -> str:
-    heat = run.heatmap(word)                                                # [h, w] attention probabilities
+    heat = run.heatmap(word)  # [h, w] attention probabilities
     return f"peak {heat.max():.2f}, mean {heat.mean():.2f}"
 
 
@@ -92,12 +94,12 @@ def _settings_rows(run: TraceResult, settings, extra: dict | None) -> list[tuple
     s = dataclasses.asdict(settings) if isinstance(settings, Settings) else dict(settings or {})
     info = run.info
     h, w = run.image_size
-    guidance = s.get("guidance", info.get("guidance_scale"))
+    guidance = s.get("guidance", info.guidance_scale)
     rows = [
-        ("Prompt", s.get("prompt") or info.get("prompt") or ""),
-        ("Negative prompt", s.get("negative_prompt") or info.get("negative_prompt") or "(none)"),
-        ("Model", s.get("model") or info.get("model") or info.get("pipeline", "")),
-        ("Scheduler", s.get("scheduler") or info.get("scheduler", "")),
+        ("Prompt", s.get("prompt") or info.prompt or ""),
+        ("Negative prompt", s.get("negative_prompt") or info.negative_prompt or "(none)"),
+        ("Model", s.get("model") or info.model or info.pipeline),
+        ("Scheduler", s.get("scheduler") or info.scheduler),
         ("Steps", str(run.num_steps)),
         ("Guidance scale", f"{float(guidance):g}" if guidance is not None else "?"),
         ("Seed", str(s.get("seed", "?"))),
@@ -140,8 +142,14 @@ footer { margin-top: 2.5rem; font-size: .8rem; color: #777; border-top: 1px soli
 """
 
 
-def report_html(run: TraceResult, image: Image.Image, settings: Settings | dict | None = None,
-                extra: dict | None = None, words=None, pictures: dict[str, Image.Image] | None = None) -> str:
+def report_html(
+    run: TraceResult,
+    image: Image.Image,
+    settings: Settings | dict | None = None,
+    extra: dict | None = None,
+    words=None,
+    pictures: dict[str, Image.Image] | None = None,
+) -> str:
     """The report as one HTML string: settings, final image, word heatmaps, attention over time, step
     strip, schedule and latent, each with a plain-language explanation.
 
@@ -172,14 +180,16 @@ def report_html(run: TraceResult, image: Image.Image, settings: Settings | dict 
     except ValueError:
         cfg = True
     if cfg:
-        guidance_note = (f"Classifier-free guidance (scale {e(guidance)}) runs the U-Net twice per step, with and "
-                         f"without the prompt, and pushes the result {e(guidance)} times further in the direction "
-                         f"the prompt points: higher values follow the prompt more literally.")
+        guidance_note = (
+            f"Classifier-free guidance (scale {e(guidance)}) runs the U-Net twice per step, with and "
+            f"without the prompt, and pushes the result {e(guidance)} times further in the direction "
+            f"the prompt points: higher values follow the prompt more literally."
+        )
     else:
-        guidance_note = (f"Guidance was off (scale {e(guidance)}): the U-Net ran once per step, with the prompt "
-                         f"only.")
+        guidance_note = f"Guidance was off (scale {e(guidance)}): the U-Net ran once per step, with the prompt only."
 
-    parts = [f"""<!DOCTYPE html>
+    parts = [
+        f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>sdviz report: {e(prompt)}</title>
@@ -187,11 +197,14 @@ def report_html(run: TraceResult, image: Image.Image, settings: Settings | dict 
 <h1>What Stable Diffusion did with <q>{e(prompt)}</q></h1>
 <p class="meta">A report by sdviz {e(__version__)}, {datetime.date.today().isoformat()}. Everything is inside
 this one file: it opens offline and prints.</p>
-<table>{''.join(f'<tr><th>{e(k)}</th><td>{e(v)}</td></tr>' for k, v in rows)}</table>
-"""]
+<table>{"".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows)}</table>
+"""
+    ]
     if run.truncated:
-        parts.append(f'<p class="explain warn">The text encoder reads at most 77 tokens, so the end of this prompt '
-                     f'was cut off and had no effect: <q>{e(run.truncated)}</q>.</p>')
+        parts.append(
+            f'<p class="explain warn">The text encoder reads at most 77 tokens, so the end of this prompt '
+            f"was cut off and had no effect: <q>{e(run.truncated)}</q>.</p>"
+        )
 
     parts.append(f"""<section id="picture"><h2>The picture and how it was made</h2>
 <div class="hero"><figure>{_img(pictures["image.png"], "the generated image", "final")}
@@ -204,7 +217,7 @@ each word's meaning in its context.</li>
 <i>latent</i> grid (see “The latent” below).</li>
 <li><b>U-Net.</b> A neural network called a U-Net looks at the noisy latent and predicts the noise in it. Through
 <i>cross-attention</i> it reads the token vectors, so each word can steer some regions of the picture
-{'(see “Where each word looked”)' if shown else '(this prompt has no words: the run was unconditional)'}.</li>
+{"(see “Where each word looked”)" if shown else "(this prompt has no words: the run was unconditional)"}.</li>
 <li><b>Scheduler.</b> The scheduler ({e(scheduler)}) removes part of the predicted noise, and the U-Net looks again:
 {run.num_steps} steps from noise to picture (see “Step by step” and “The noise schedule”).</li>
 <li><b>VAE decoder.</b> The final latent is turned into pixels by the decoder of a VAE (variational autoencoder).</li>
@@ -214,8 +227,11 @@ each word's meaning in its context.</li>
 """)
 
     if shown:
-        cells = "".join(f'<figure>{_img(pic, "heatmap of " + word)}<figcaption><b>{e(word)}</b>: '
-                        f'{_peak(run, word)}</figcaption></figure>' for (name, pic), word in zip(heatmaps, shown))
+        cells = "".join(
+            f"<figure>{_img(pic, 'heatmap of ' + word)}<figcaption><b>{e(word)}</b>: "
+            f"{_peak(run, word)}</figcaption></figure>"
+            for (name, pic), word in zip(heatmaps, shown)
+        )
         parts.append(f"""<section id="heatmaps"><h2>Where each word looked</h2>
 <div class="explain"><p>In each of the U-Net's {n_layers} cross-attention layers, every position of the image shares out
 one unit of attention over the 77 token vectors: it asks <i>which words matter for me?</i> A word's heatmap shows
@@ -254,10 +270,13 @@ at the start to near 1 at the end. Big early steps remove most noise; the last s
 """)
 
     latent_figs = "".join(
-        f'<figure>{_img(pictures[name], caption)}<figcaption>{caption}</figcaption></figure>'
-        for name, caption in (("latent-rgb.png", "channels 0–2 as red, green, blue"),
-                              ("latent-channels.png", f"all {channels} channels, each in grey, left to right"))
-        if name in pictures)
+        f"<figure>{_img(pictures[name], caption)}<figcaption>{caption}</figcaption></figure>"
+        for name, caption in (
+            ("latent-rgb.png", "channels 0–2 as red, green, blue"),
+            ("latent-channels.png", f"all {channels} channels, each in grey, left to right"),
+        )
+        if name in pictures
+    )
     parts.append(f"""<section id="latent"><h2>The latent: the sketch the U-Net works on</h2>
 <div class="latents">{latent_figs}</div>
 <div class="explain"><p>The U-Net never sees pixels. It works on a latent of {channels} × {lh} × {lw} numbers
@@ -272,8 +291,15 @@ looked, which is a good first clue to why it drew what it drew.</footer>
     return "".join(parts)
 
 
-def write_report(path, run: TraceResult, image: Image.Image, settings: Settings | dict | None = None,
-                 extra: dict | None = None, words=None, pictures: dict[str, Image.Image] | None = None) -> Path:
+def write_report(
+    path,
+    run: TraceResult,
+    image: Image.Image,
+    settings: Settings | dict | None = None,
+    extra: dict | None = None,
+    words=None,
+    pictures: dict[str, Image.Image] | None = None,
+) -> Path:
     """Write `report_html(...)` to `path` (UTF-8) and return the path."""
     path = Path(path)
     path.write_text(report_html(run, image, settings, extra, words, pictures), encoding="utf-8")

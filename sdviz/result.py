@@ -1,15 +1,17 @@
 """`TraceResult`: everything one traced generation recorded, as plain data on the CPU.
 
 No reference to the model: it deep-copies, sits in `gr.State`, and saves to one safetensors file
-(tensors plus a JSON header; no pickle). Aggregation (heatmaps, word shares, region scores) lives here.
+(tensors plus a JSON header; no pickle). `RunInfo` is the run's typed metadata. Aggregation
+(heatmaps, word shares, region scores) lives here; the tracer (trace.py) builds the result.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +22,76 @@ from .attention import LayerInfo
 from .preview import latent_to_rgb
 from .tokens import Token, Word, from_json, to_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: typed RunInfo; 1 (sdviz 0.1): `info` as a plain dict, still read
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What was run, as the tracer saw it (saved in the trace's header)."""
+
+    model: str  # the pipeline's name_or_path ("" when built in memory)
+    pipeline: str  # its class, e.g. "StableDiffusionPipeline"
+    scheduler: str  # the scheduler class that ran, e.g. "DDIMScheduler"
+    prediction_type: str  # "epsilon", "v_prediction" or "sample"
+    guidance_scale: float  # the pipeline's own `guidance_scale` (nan if it had none)
+    cfg: bool  # whether classifier-free guidance ran (a batch with an unconditional half)
+    prompt: str | None
+    negative_prompt: str | None
+    latent_size: tuple[int, int]  # (h, w) of the latent
+    image_size: tuple[int, int]  # (H, W) of the image
+    complete: bool  # False when the call raised or was stopped part-way
+    per_head: bool  # whether every head's map was kept
+    text_dim: int | None  # width of the text encoder's token vectors (768 for SD 1.x)
+    requested_steps: int | None  # num_inference_steps as asked (PNDM records one more)
+    vae_scaling_factor: float = 1.0
+    vae_shift_factor: float = 0.0
+    latent_rgb: tuple | None = None  # [C + 1][3] the preview's linear latent → RGB map (sdviz.preview)
+    preview_source: str = "none"  # where that map came from: "shipped", "published", "fitted", "none"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """How many image pixels one latent pixel stands for, per side (8 for SD, 4 for the built-in model)."""
+        return max(1, self.image_size[1] // max(1, self.latent_size[1]))
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict, version: int = FORMAT_VERSION) -> RunInfo:
+        data = dict(data)
+        if version == 1:  # sdviz 0.1 wrote a dict without these keys
+            data.setdefault("cfg", float(data.get("guidance_scale", 0.0)) > 1.0)
+            data.setdefault("text_dim", None)
+            data.setdefault("requested_steps", None)
+            data.setdefault("preview_source", "fitted" if data.get("latent_rgb") else "none")
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        for key in ("latent_size", "image_size"):
+            data[key] = tuple(int(v) for v in data[key])
+        if data.get("latent_rgb") is not None:
+            data["latent_rgb"] = tuple(tuple(float(v) for v in row) for row in data["latent_rgb"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which part of a trace a map averages; every aggregation takes the same ones.
+
+    steps        None (all), an int, (start, stop), a range or slice, or a list of step indices (0-based)
+    layers       layer names or short labels ("up1.a2.t0 (16×16)"); None: all
+    blocks       "down", "mid", "up"; None: all
+    resolutions  layer heights, e.g. [16, 32]; None: all
+    heads        a head index or list (traces kept with per_head=True); None: the mean of all heads
+    """
+
+    steps: object = None
+    layers: tuple[str, ...] | None = None
+    blocks: tuple[str, ...] | None = None
+    resolutions: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+
+    def kwargs(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
@@ -39,7 +110,7 @@ class TraceResult:
     final_latent                   float32 [C, h, w]     what the last step returned
     timesteps / sigmas / alpha_bars  float32 [S]
     schedule_timesteps / schedule_sigmas  float32 [N]  the whole planned schedule
-    info                           model, scheduler, sizes, guidance, VAE scaling, preview factors
+    info                           RunInfo: model, scheduler, sizes, guidance, VAE scaling, preview map
     decoded                        cache of exact VAE decodes, key "x0/7" → uint8 [H, W, 3]
     """
 
@@ -60,67 +131,13 @@ class TraceResult:
     alpha_bars: torch.Tensor
     schedule_timesteps: torch.Tensor
     schedule_sigmas: torch.Tensor
-    info: dict
+    info: RunInfo
     decoded: dict[str, np.ndarray] = field(default_factory=dict)
 
-    # -- construction ---------------------------------------------------------------------------
-    @classmethod
-    def from_recording(cls, tracer, complete: bool) -> "TraceResult":
-        from .preview import latent_rgb_factors
-        from .tokens import truncated_text
-
-        pipe, steps = tracer.pipe, tracer._steps
-        texts = tracer._texts + [([], [])] * (2 - len(tracer._texts))
-        layers = list(tracer._layers.values())
-
-        def stack(branch: str) -> dict[str, torch.Tensor]:
-            maps = {}
-            for layer in layers:
-                per_step = [getattr(s, branch).get(layer.name) for s in steps]
-                if per_step and all(m is not None for m in per_step):
-                    m = torch.stack(per_step).transpose(-1, -2)              # [S, (heads,) T, hw]
-                    maps[layer.name] = m.reshape(*m.shape[:-1], layer.height, layer.width).cpu()
-            return maps
-
-        def series(attr: str) -> torch.Tensor:
-            if not steps:
-                return torch.zeros(0)
-            values = [getattr(s, attr) for s in steps]
-            if isinstance(values[0], torch.Tensor):
-                return torch.stack(values).cpu()
-            return torch.tensor(values, dtype=torch.float32)
-
-        tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
-        truncated = truncated_text(tokenizer, tracer.prompt) if (tracer.prompt and tokenizer) else ""
-        h, w = tracer._latent_hw
-        scale = getattr(pipe, "vae_scale_factor", 8)
-        schedule = tracer._schedule or (torch.zeros(0), torch.zeros(0))
-        vae = getattr(pipe, "vae", None)
-        info = {
-            "model": str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "")),
-            "pipeline": type(pipe).__name__,
-            "scheduler": type(pipe.scheduler).__name__,
-            "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
-            "guidance_scale": float(getattr(pipe, "_guidance_scale", float("nan"))),
-            "prompt": tracer.prompt,
-            "negative_prompt": tracer.negative_prompt,
-            "latent_size": [h, w],
-            "image_size": [h * scale, w * scale],
-            "complete": complete,
-            "per_head": tracer.per_head,
-            "vae_scaling_factor": float(vae.config.scaling_factor) if vae is not None else 1.0,
-            "vae_shift_factor": float(vae.config.get("shift_factor") or 0.0) if vae is not None else 0.0,
-            "latent_rgb": latent_rgb_factors(pipe).tolist() if vae is not None else None,
-        }
-        return cls(
-            tokens=texts[0][0], words=texts[0][1], negative_tokens=texts[1][0], negative_words=texts[1][1],
-            truncated=truncated, layers=layers, attention=stack("attention"),
-            attention_negative=stack("attention_negative"),
-            latents=series("latent"), model_outputs=series("model_output"), x0=series("x0"),
-            final_latent=None if tracer._final_latent is None else tracer._final_latent.cpu(),
-            timesteps=series("timestep"), sigmas=series("sigma"), alpha_bars=series("alpha_bar"),
-            schedule_timesteps=schedule[0], schedule_sigmas=schedule[1], info=info,
-        )
+    # Tensor fields saved as they are, and dicts of tensors saved as "<field>/<key>".
+    TENSORS = ("latents", "model_outputs", "x0", "final_latent", "timesteps", "sigmas", "alpha_bars",
+               "schedule_timesteps", "schedule_sigmas")  # fmt: skip
+    TENSOR_DICTS = ("attention", "attention_negative")
 
     # -- sizes ----------------------------------------------------------------------------------
     @property
@@ -129,22 +146,22 @@ class TraceResult:
 
     @property
     def latent_size(self) -> tuple[int, int]:
-        return tuple(self.info["latent_size"])
+        return tuple(self.info.latent_size)
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return tuple(self.info["image_size"])
+        return tuple(self.info.image_size)
 
     @property
     def prompt(self) -> str | None:
-        return self.info.get("prompt")
+        return self.info.prompt
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the recorded tensors (what a trace costs in memory)."""
-        tensors = [self.latents, self.model_outputs, self.x0, self.timesteps, self.sigmas, self.alpha_bars]
-        tensors += list(self.attention.values()) + list(self.attention_negative.values())
-        total = sum(t.numel() * t.element_size() for t in tensors)
+        tensors = [getattr(self, name) for name in self.TENSORS]
+        tensors += [t for name in self.TENSOR_DICTS for t in getattr(self, name).values()]
+        total = sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return total + sum(a.nbytes for a in self.decoded.values())
 
     # -- words ----------------------------------------------------------------------------------
@@ -170,28 +187,34 @@ class TraceResult:
             raise KeyError(f"{word!r} is not a word of the {which}; its words are: {listing}")
         return hits
 
-    # -- heatmaps -------------------------------------------------------------------------------
-    def select_layers(self, layers: Iterable[str] | None = None, blocks: Iterable[str] | None = None,
-                      resolutions: Iterable[int] | None = None) -> list[LayerInfo]:
+    # -- selection ------------------------------------------------------------------------------
+    def select_layers(
+        self,
+        layers: Iterable[str] | None = None,
+        blocks: Iterable[str] | None = None,
+        resolutions: Iterable[int] | None = None,
+    ) -> list[LayerInfo]:
         """The layers passing every filter given: names, blocks ("down", "mid", "up"), resolutions (h)."""
         chosen = list(self.layers)
         if layers is not None:
-            layers = set(layers)
-            unknown = layers - {l.name for l in self.layers} - {l.short for l in self.layers}
+            layers = {layers} if isinstance(layers, str) else set(layers)
+            unknown = layers - {layer.name for layer in self.layers} - {layer.short for layer in self.layers}
             if unknown:
-                raise KeyError(f"unknown layer {sorted(unknown)[0]!r}; layers are: "
-                               + ", ".join(l.name for l in self.layers))
-            chosen = [l for l in chosen if l.name in layers or l.short in layers]
+                names = ", ".join(layer.name for layer in self.layers)
+                raise KeyError(f"unknown layer {sorted(unknown)[0]!r}; layers are: {names}")
+            chosen = [layer for layer in chosen if layer.name in layers or layer.short in layers]
         if blocks is not None:
             blocks = {blocks} if isinstance(blocks, str) else set(blocks)
-            chosen = [l for l in chosen if l.block in blocks]
+            chosen = [layer for layer in chosen if layer.block in blocks]
         if resolutions is not None:
-            resolutions = {resolutions} if isinstance(resolutions, int) else {int(r) for r in resolutions}
-            chosen = [l for l in chosen if l.height in resolutions]
+            resolutions = {int(resolutions)} if isinstance(resolutions, int) else {int(r) for r in resolutions}
+            chosen = [layer for layer in chosen if layer.height in resolutions]
         if not chosen:
-            available = sorted({(l.block, l.height) for l in self.layers})
-            raise ValueError("no cross-attention layer matches these filters; available (block, resolution): "
-                             + ", ".join(f"{b} {r}" for b, r in available))
+            available = sorted({(layer.block, layer.height) for layer in self.layers})
+            raise ValueError(
+                "no cross-attention layer matches these filters; available (block, resolution): "
+                + ", ".join(f"{b} {r}" for b, r in available)
+            )
         return chosen
 
     def step_indices(self, steps=None) -> list[int]:
@@ -222,8 +245,50 @@ class TraceResult:
             return size, size
         return int(size[0]), int(size[1])
 
-    def heatmap(self, word: str | int | Sequence[int], steps=None, layers=None, blocks=None, resolutions=None,
-                heads=None, size=None, negative: bool = False, normalize: bool = False) -> np.ndarray:
+    def layer_maps(self, steps=None, layers=None, blocks=None, resolutions=None, heads=None,
+                   negative: bool = False) -> list[tuple[LayerInfo, torch.Tensor]]:  # fmt: skip
+        """The selected layers' maps, float32 [s, T, h_l, w_l] each: the chosen steps, heads averaged.
+
+        The one place the filters are applied; heatmaps, word shares and region scores all read it.
+        """
+        maps = self.attention_negative if negative else self.attention
+        if not maps:
+            if negative:
+                raise ValueError(
+                    "this trace has no negative-prompt attention: trace with negative=True and a guidance scale > 1"
+                )
+            raise ValueError("this trace recorded no attention")
+        step_idx = self.step_indices(steps)
+        out = []
+        for layer in self.select_layers(layers, blocks, resolutions):
+            m = maps[layer.name][step_idx].float()  # [s, T, h, w] or [s, heads, T, h, w]
+            if m.ndim == 5:
+                if heads is not None:
+                    picked = [int(heads)] if isinstance(heads, (int, np.integer)) else [int(h) for h in heads]
+                    bad = [h for h in picked if not 0 <= h < m.shape[1]]
+                    if bad or not picked:
+                        raise IndexError(f"head {bad[0] if bad else '(none)'} does not exist: this layer has heads "
+                                         f"0–{m.shape[1] - 1}")  # fmt: skip
+                    m = m[:, picked]
+                m = m.mean(1)
+            elif heads is not None:
+                raise ValueError("this trace kept only head means: trace with per_head=True to pick heads")
+            out.append((layer, m))
+        return out
+
+    # -- heatmaps -------------------------------------------------------------------------------
+    def heatmap(
+        self,
+        word: str | int | Sequence[int],
+        steps=None,
+        layers=None,
+        blocks=None,
+        resolutions=None,
+        heads=None,
+        size=None,
+        negative: bool = False,
+        normalize: bool = False,
+    ) -> np.ndarray:
         """Where `word` was attended: float32 [H, W] at `size` (None → latent, "image", int or (H, W)).
 
         Aggregation, in this order:
@@ -236,32 +301,20 @@ class TraceResult:
         got). `normalize=True` divides by the maximum so the map spans 0–1, for display.
         `heads` picks heads (int or list) when the trace kept them (`per_head=True`).
         """
-        maps = self.attention_negative if negative else self.attention
-        if not maps:
-            raise ValueError("this trace has no negative-prompt attention: trace with negative=True "
-                             "and a guidance scale > 1" if negative else "this trace recorded no attention")
+        chosen = self.layer_maps(steps, layers, blocks, resolutions, heads, negative)
         idx = self.token_indices(word, negative)
-        step_idx = self.step_indices(steps)
-        chosen = self.select_layers(layers, blocks, resolutions)
         target = self._target_size(size)
         total = torch.zeros(target)
-        for layer in chosen:
-            m = maps[layer.name][step_idx].float()         # [s, T, h, w] or [s, heads, T, h, w]
-            if m.ndim == 5:
-                if heads is not None:
-                    m = m[:, [heads] if isinstance(heads, int) else list(heads)]
-                m = m.mean(1)
-            elif heads is not None:
-                raise ValueError("this trace kept only head means: trace with per_head=True to pick heads")
-            m = m[:, idx].sum(1).mean(0)                   # [h, w]
+        for _, m in chosen:
+            m = m[:, idx].sum(1).mean(0)  # [h, w]
             total += F.interpolate(m[None, None], size=target, mode="bilinear", align_corners=False)[0, 0]
         out = (total / len(chosen)).numpy().astype(np.float32)
         if normalize and out.max() > 0:
             out = out / out.max()
         return out
 
-    def word_shares(self, steps=None, layers=None, blocks=None, resolutions=None,
-                    negative: bool = False) -> np.ndarray:
+    def word_shares(self, steps=None, layers=None, blocks=None, resolutions=None, heads=None,
+                    negative: bool = False) -> np.ndarray:  # fmt: skip
         """Each word's share of the attention given to words, per step: float32 [S, n_words].
 
         Per step: the mean over the selected layers of each word's attention mass averaged over
@@ -270,46 +323,50 @@ class TraceResult:
         words = self.negative_words if negative else self.words
         if not words:
             raise ValueError("the prompt has no words")
-        step_idx = self.step_indices(steps)
-        maps = self.attention_negative if negative else self.attention
-        chosen = self.select_layers(layers, blocks, resolutions)
-        mass = torch.zeros(len(step_idx), len(words))
-        for layer in chosen:
-            m = maps[layer.name][step_idx].float()
-            if m.ndim == 5:
-                m = m.mean(1)
-            per_token = m.mean(dim=(-2, -1))               # [s, T]
+        chosen = self.layer_maps(steps, layers, blocks, resolutions, heads, negative)
+        mass = torch.zeros(chosen[0][1].shape[0], len(words))
+        for _, m in chosen:
+            per_token = m.mean(dim=(-2, -1))  # [s, T]
             for j, w in enumerate(words):
                 mass[:, j] += per_token[:, list(w.tokens)].sum(1)
         shares = mass / mass.sum(1, keepdim=True).clamp_min(1e-12)
         return shares.numpy().astype(np.float32)
 
-    def region_scores(self, region, steps=None, layers=None, blocks=None, resolutions=None,
-                      negative: bool = False) -> dict[str, float]:
-        """How much attention a region of the image paid to each word: {word: mean probability}.
-
-        `region`: a boolean mask [H, W] at any size, or a box (x0, y0, x1, y1) in fractions 0–1 of the
-        image. Each word's score is its latent-size `heatmap` averaged over the region, so this is
-        the reverse question of a heatmap, with the same aggregation. Sorted, highest first.
-        """
-        words = self.negative_words if negative else self.words
+    def region_mask(self, region) -> np.ndarray:
+        """bool [h, w] at latent size: a box (x0, y0, x1, y1) in fractions 0–1, or a mask [H, W] at any size."""
         size = self.latent_size
         if isinstance(region, (tuple, list)) and len(region) == 4:
             x0, y0, x1, y1 = (float(v) for v in region)
+            if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+                raise ValueError(f"the region's corners must be numbers from 0 to 1; got {region}")
             mask = torch.zeros(size, dtype=torch.bool)
             h, w = size
             r0, r1 = int(min(y0, y1) * h), max(int(np.ceil(max(y0, y1) * h)), int(min(y0, y1) * h) + 1)
             c0, c1 = int(min(x0, x1) * w), max(int(np.ceil(max(x0, x1) * w)), int(min(x0, x1) * w) + 1)
-            mask[r0:min(r1, h), c0:min(c1, w)] = True
+            mask[max(r0, 0) : min(r1, h), max(c0, 0) : min(c1, w)] = True
         else:
             m = torch.as_tensor(np.asarray(region, dtype=np.float32))
             mask = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0] >= 0.5
         if not mask.any():
             raise ValueError("the region is empty: click inside the image or drag a larger box")
-        scores = {}
+        return mask.numpy()
+
+    def region_scores(self, region, steps=None, layers=None, blocks=None, resolutions=None, heads=None,
+                      negative: bool = False) -> dict[str, float]:  # fmt: skip
+        """How much attention a region of the image paid to each word: {word: mean probability}.
+
+        `region`: see `region_mask`. Each word's score is its latent-size `heatmap` averaged over the
+        region, so this is the reverse question of a heatmap, with the same aggregation. Sorted,
+        highest first; a word that occurs twice is listed as "word" and "word (#2)".
+        """
+        words = self.negative_words if negative else self.words
+        mask = self.region_mask(region)
+        scores, seen = {}, {}
         for w in words:
-            hm = self.heatmap(list(w.tokens), steps, layers, blocks, resolutions, size=size, negative=negative)
-            scores[w.text if w.text not in scores else f"{w.text} ({w.index})"] = float(hm[mask.numpy()].mean())
+            hm = self.heatmap(list(w.tokens), steps, layers, blocks, resolutions, heads, negative=negative)
+            seen[w.text] = seen.get(w.text, 0) + 1
+            label = w.text if seen[w.text] == 1 else f"{w.text} (#{seen[w.text]})"
+            scores[label] = float(hm[mask].mean())
         return dict(sorted(scores.items(), key=lambda kv: -kv[1]))
 
     # -- latents → pictures ----------------------------------------------------------------------
@@ -326,7 +383,9 @@ class TraceResult:
 
     def preview(self, step: int, which: str = "x0") -> np.ndarray:
         """Fast RGB preview, no VAE: uint8 [h, w, 3] through the linear latent → RGB map."""
-        return latent_to_rgb(self.latent(step, which), torch.tensor(self.info["latent_rgb"])).numpy()
+        if self.info.latent_rgb is None:
+            raise ValueError("this trace has no latent → RGB map for previews: decode with run.decode(step, vae)")
+        return latent_to_rgb(self.latent(step, which), torch.tensor(self.info.latent_rgb)).numpy()
 
     @torch.no_grad()
     def decode(self, step: int, vae, which: str = "x0") -> np.ndarray:
@@ -334,9 +393,9 @@ class TraceResult:
         key = f"{which}/{self.step_indices(step)[0] if which != 'final' else 'last'}"
         if key not in self.decoded:
             param = next(vae.parameters())
-            z = self.latent(step, which)[None].to(param.device, param.dtype)      # [1, C, h, w]
-            z = z / self.info["vae_scaling_factor"] + self.info["vae_shift_factor"]
-            image = vae.decode(z).sample[0].float().cpu()                          # [3, H, W] in [-1, 1]
+            z = self.latent(step, which)[None].to(param.device, param.dtype)  # [1, C, h, w]
+            z = z / self.info.vae_scaling_factor + self.info.vae_shift_factor
+            image = vae.decode(z).sample[0].float().cpu()  # [3, H, W] in [-1, 1]
             self.decoded[key] = ((image.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).round().byte().numpy()
         return self.decoded[key]
 
@@ -344,50 +403,56 @@ class TraceResult:
     def save(self, path) -> Path:
         """Write one `.safetensors` file: tensors plus a JSON header. No pickle."""
         path = Path(path)
-        tensors = {"latents": self.latents, "model_outputs": self.model_outputs, "x0": self.x0,
-                   "timesteps": self.timesteps, "sigmas": self.sigmas, "alpha_bars": self.alpha_bars,
-                   "schedule_timesteps": self.schedule_timesteps, "schedule_sigmas": self.schedule_sigmas}
-        if self.final_latent is not None:
-            tensors["final_latent"] = self.final_latent
-        for name, t in self.attention.items():
-            tensors[f"attention/{name}"] = t
-        for name, t in self.attention_negative.items():
-            tensors[f"attention_negative/{name}"] = t
-        for key, a in self.decoded.items():
-            tensors[f"decoded/{key}"] = torch.from_numpy(np.ascontiguousarray(a))
+        tensors = {name: getattr(self, name) for name in self.TENSORS if getattr(self, name) is not None}
+        for name in self.TENSOR_DICTS:
+            tensors.update({f"{name}/{key}": t for key, t in getattr(self, name).items()})
+        tensors.update({f"decoded/{key}": torch.from_numpy(np.ascontiguousarray(a)) for key, a in self.decoded.items()})
         header = {
-            "version": FORMAT_VERSION, "info": self.info, "truncated": self.truncated,
-            "prompt": to_json(self.tokens, self.words), "negative": to_json(self.negative_tokens, self.negative_words),
-            "layers": [asdict(l) for l in self.layers],
+            "version": FORMAT_VERSION,
+            "info": self.info.to_json(),
+            "truncated": self.truncated,
+            "prompt": to_json(self.tokens, self.words),
+            "negative": to_json(self.negative_tokens, self.negative_words),
+            "layers": [asdict(layer) for layer in self.layers],
         }
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"sdviz": json.dumps(header)})
         return path
 
     @classmethod
-    def load(cls, path) -> "TraceResult":
-        from safetensors import safe_open
+    def load(cls, path) -> TraceResult:
+        """Read a trace written by `save` (this version's format, or sdviz 0.1's)."""
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path} is not an sdviz trace (not a readable safetensors file: {err})") from None
         if "sdviz" not in meta:
             raise ValueError(f"{path} is not an sdviz trace (no 'sdviz' header); save one with run.save(path)")
         header = json.loads(meta["sdviz"])
-        if header.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has trace format {header.get('version')}; this sdviz reads {FORMAT_VERSION}")
+        version = header.get("version")
+        if version not in (1, FORMAT_VERSION):
+            raise ValueError(f"{path} has trace format {version}; this sdviz reads formats 1 and {FORMAT_VERSION}")
         t = load_file(str(path))
         tokens, words = from_json(header["prompt"])
         neg_tokens, neg_words = from_json(header["negative"])
-        layers = [LayerInfo(**l) for l in header["layers"]]
-        prefix = lambda p: {k[len(p):]: v for k, v in t.items() if k.startswith(p)}  # noqa: E731
-        order = [l.name for l in layers]
-        attention, negative = prefix("attention/"), prefix("attention_negative/")
+        layers = [LayerInfo(**layer) for layer in header["layers"]]
+        order = [layer.name for layer in layers]
+
+        def prefixed(p: str) -> dict:
+            return {k[len(p) :]: v for k, v in t.items() if k.startswith(p)}
+
+        dicts = {name: prefixed(f"{name}/") for name in cls.TENSOR_DICTS}
         return cls(
-            tokens=tokens, words=words, negative_tokens=neg_tokens, negative_words=neg_words,
-            truncated=header["truncated"], layers=layers,
-            attention={n: attention[n] for n in order if n in attention},
-            attention_negative={n: negative[n] for n in order if n in negative},
-            latents=t["latents"], model_outputs=t["model_outputs"], x0=t["x0"], final_latent=t.get("final_latent"),
-            timesteps=t["timesteps"], sigmas=t["sigmas"], alpha_bars=t["alpha_bars"],
-            schedule_timesteps=t["schedule_timesteps"], schedule_sigmas=t["schedule_sigmas"], info=header["info"],
-            decoded={k: v.numpy() for k, v in prefix("decoded/").items()},
+            tokens=tokens,
+            words=words,
+            negative_tokens=neg_tokens,
+            negative_words=neg_words,
+            truncated=header["truncated"],
+            layers=layers,
+            **{name: {n: d[n] for n in order if n in d} for name, d in dicts.items()},
+            **{name: t.get(name) for name in cls.TENSORS},
+            info=RunInfo.from_json(header["info"], version),
+            decoded={k: v.numpy() for k, v in prefixed("decoded/").items()},
         )

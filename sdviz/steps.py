@@ -34,8 +34,9 @@ def is_sigma_space(scheduler) -> bool:
     return float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0
 
 
-def predicted_x0(scheduler, step_output, model_output: torch.Tensor, sample: torch.Tensor,
-                 sigma: float, alpha_bar: float) -> torch.Tensor:
+def predicted_x0(
+    scheduler, step_output, model_output: torch.Tensor, sample: torch.Tensor, sigma: float, alpha_bar: float
+) -> torch.Tensor:
     """x0 for this step, float32, same shape as `sample` ([b, C, h, w])."""
     x0 = getattr(step_output, "pred_original_sample", None)
     if x0 is not None:

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class Token:
-    index: int          # position among the text encoder's 77 inputs
-    text: str           # this piece as text ("red", "zeb"); special tokens as written
-    word: int | None    # index into `words`, None for special tokens
+    index: int  # position among the text encoder's 77 inputs
+    text: str  # this piece as text ("red", "zeb"); special tokens as written
+    word: int | None  # index into `words`, None for special tokens
     special: bool
 
 

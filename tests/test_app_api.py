@@ -5,28 +5,39 @@ from __future__ import annotations
 import io
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-
-import sdviz
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+import sdviz
 from sdviz import TraceResult
 from sdviz.attention import CrossAttentionRecorder
 from sdviz.preview import latent_rgb_factors
 from sdviz.ui.streaming import live_preview
 
 STEPS = 6
-FILTERS = [["down", "mid", "up"], [], [], -1]          # blocks, resolutions, layers, head
+FILTERS = [["down", "mid", "up"], [], [], -1]  # blocks, resolutions, layers, head
 
 
 def form(server, prompt, **change):
     """The /generate inputs, in order, with the test defaults."""
-    values = dict(model=server.name, prompt=prompt, negative="", scheduler="DDIM", steps=STEPS, guidance=7.5,
-                  seed="7", randomize=False, width=64, height=64, per_head=False)
+    values = dict(
+        model=server.name,
+        prompt=prompt,
+        negative="",
+        scheduler="DDIM",
+        steps=STEPS,
+        guidance=7.5,
+        seed="7",
+        randomize=False,
+        width=64,
+        height=64,
+        per_head=False,
+    )
     values.update(change)
     return list(values.values())
 
@@ -69,7 +80,7 @@ def assert_pipeline_restored(pipe):
 def test_generate_returns_final_image_tokens_words_and_heatmap(client, app_server, reference):
     out = generate(client, app_server, "a red circle on the left")
     assert pixels(out["image"]).shape == (64, 64, 3)
-    assert np.array_equal(pixels(out["image"]), reference)               # same seed, same image
+    assert np.array_equal(pixels(out["image"]), reference)  # same seed, same image
     assert out["seed"] == "7" and "Seed 7" in out["notes"]
     words = word_choices(out["words"])
     assert words == ["a", "red", "circle", "on", "the", "left"]
@@ -87,8 +98,8 @@ def test_generation_streams_progress_and_live_previews(client, app_server):
     progress = [u[1] for u in updates if u[1]]
     assert any("Step 1 / 12" in p or "Step 2 / 12" in p for p in progress), progress
     assert "Done: 12 steps" in progress[-1]
-    previews = {u[0] for u in updates if isinstance(u[0], str)}           # {"__type__": "update"} = unchanged
-    assert len(previews) >= 2                                             # at least one live preview and the last
+    previews = {u[0] for u in updates if isinstance(u[0], str)}  # {"__type__": "update"} = unchanged
+    assert len(previews) >= 2  # at least one live preview and the last
 
 
 def test_random_seed_is_shown_and_reproduces_the_image(client, app_server):
@@ -116,9 +127,9 @@ def test_word_and_filter_changes_rerender_without_running_the_model(client, app_
     assert pixels(grid).shape[1] > 64 and pixels(over_time).size > 0
     panels = client.predict(3, True, "red", False, 0.5, "jet", 1, STEPS, *FILTERS, api_name="/step")
     assert "Step 3 of" in panels[0]
-    assert all(panels[i] for i in (1, 2, 4, 5, 6))                        # x_t, x0, z rgb, channels, schedule
-    assert panels[7]["visible"] is True and panels[7]["value"]            # heatmap follows the step
-    assert len(app_server.unet_calls) == calls                            # the model never ran again
+    assert all(panels[i] for i in (1, 2, 4, 5, 6))  # x_t, x0, z rgb, channels, schedule
+    assert panels[7]["visible"] is True and panels[7]["value"]  # heatmap follows the step
+    assert len(app_server.unet_calls) == calls  # the model never ran again
 
 
 def test_exact_decode_is_cached_in_the_trace_and_shown_on_the_step(client, app_server):
@@ -126,7 +137,7 @@ def test_exact_decode_is_cached_in_the_trace_and_shown_on_the_step(client, app_s
     decoded = client.predict(2, api_name="/decode")
     assert pixels(decoded).shape == (64, 64, 3)
     panels = client.predict(2, False, "yellow", False, 0.5, "jet", 1, STEPS, *FILTERS, api_name="/step")
-    assert panels[3] is not None                                          # the cached decode comes back
+    assert panels[3] is not None  # the cached decode comes back
     assert client.predict(3, False, "yellow", False, 0.5, "jet", 1, STEPS, *FILTERS, api_name="/step")[3] is None
 
 
@@ -137,24 +148,27 @@ def test_downloads_give_image_heatmap_trace_and_report(client, app_server):
     assert set(names) == {"image.png", "heatmap.png", "trace.safetensors", "report.html"}
     run = TraceResult.load(names["trace.safetensors"])
     assert [w.text for w in run.words] == ["a", "red", "circle", "on", "the", "left"]
-    assert "circle" in open(names["report.html"], encoding="utf-8").read()
+    assert "circle" in Path(names["report.html"]).read_text(encoding="utf-8")
 
 
 # -- bad input -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("change, message", [
-    (dict(steps=0), "minimum"),
-    (dict(steps=2.5), "whole number"),
-    (dict(guidance=-1), "minimum"),
-    (dict(guidance=1000), "maximum"),
-    (dict(width=100), "multiple of 8"),
-    (dict(height=4096), "maximum"),
-    (dict(seed=""), "seed is empty"),
-    (dict(seed="abc"), "whole number"),
-    (dict(seed="-5"), "between 0"),
-    (dict(model="my-secret-model"), "unknown model 'my-secret-model'"),
-    (dict(model="stabilityai/some-hub-id"), "unknown model"),
-    (dict(scheduler="Heun"), "unknown scheduler 'Heun'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(steps=0), "minimum"),
+        (dict(steps=2.5), "whole number"),
+        (dict(guidance=-1), "minimum"),
+        (dict(guidance=1000), "maximum"),
+        (dict(width=100), "multiple of 8"),
+        (dict(height=4096), "maximum"),
+        (dict(seed=""), "seed is empty"),
+        (dict(seed="abc"), "whole number"),
+        (dict(seed="-5"), "whole number from 0 to 2"),
+        (dict(model="my-secret-model"), "unknown model 'my-secret-model'"),
+        (dict(model="stabilityai/some-hub-id"), "unknown model"),
+        (dict(scheduler="Heun"), "unknown scheduler 'Heun'"),
+    ],
+)
 def test_bad_generation_input_gets_a_message_and_runs_nothing(client, app_server, change, message):
     calls = len(app_server.unet_calls)
     with pytest.raises(AppError, match=message):
@@ -210,13 +224,17 @@ def test_step_outside_the_run_is_refused(client, app_server):
         heatmap(client, "red", filters=[["down", "mid", "up"], [], [], 0])
 
 
-@pytest.mark.parametrize("call", [
-    lambda c: heatmap(c, None),
-    lambda c: c.predict(1, False, None, False, 0.5, "jet", 1, STEPS, *FILTERS, api_name="/step"),
-    lambda c: c.predict(1, api_name="/decode"),
-    lambda c: c.predict(None, False, 0.5, "jet", 1, STEPS, *FILTERS, api_name="/downloads"),
-    lambda c: c.predict(False, 0.5, "jet", 1, STEPS, *FILTERS, api_name="/word_grid"),
-], ids=["heatmap", "step", "decode", "downloads", "word_grid"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: heatmap(c, None),
+        lambda c: c.predict(1, False, None, False, 0.5, "jet", 1, STEPS, *FILTERS, api_name="/step"),
+        lambda c: c.predict(1, api_name="/decode"),
+        lambda c: c.predict(None, False, 0.5, "jet", 1, STEPS, *FILTERS, api_name="/downloads"),
+        lambda c: c.predict(False, 0.5, "jet", 1, STEPS, *FILTERS, api_name="/word_grid"),
+    ],
+    ids=["heatmap", "step", "decode", "downloads", "word_grid"],
+)
 def test_panel_used_before_any_run_says_generate_first(client, call):
     with pytest.raises(AppError, match="Generate an image first"):
         call(client)
@@ -226,7 +244,7 @@ def test_unavailable_model_shows_the_loading_message_and_the_app_keeps_serving(c
     start = time.perf_counter()
     with pytest.raises(AppError, match="Can't use model 'sd15'.*(cache|Hub)"):
         generate(client, app_server, "a red circle", model="sd15")
-    assert time.perf_counter() - start < 30                             # no network timeout
+    assert time.perf_counter() - start < 30  # no network timeout
     out = generate(client, app_server, "a red circle on the left")
     assert np.array_equal(pixels(out["image"]), reference)
 
@@ -241,16 +259,17 @@ def test_cancelled_run_leaves_the_next_run_identical_to_a_fresh_start(client, ap
     job.cancel()
     time.sleep(1.0)
     stopped_at = len(app_server.unet_calls)
-    assert calls + 6 <= stopped_at < calls + steps                      # it ran, and stopped before the end
+    assert calls + 6 <= stopped_at < calls + steps  # it ran, and stopped before the end
     time.sleep(1.0)
-    assert len(app_server.unet_calls) == stopped_at                     # and the worker has stopped
+    assert len(app_server.unet_calls) == stopped_at  # and the worker has stopped
     assert_pipeline_restored(app_server.pipe)
     out = generate(client, app_server, "a red circle on the left")
     assert np.array_equal(pixels(out["image"]), reference)
 
 
 def test_exception_inside_the_pipeline_is_reported_and_the_next_run_matches_a_fresh_start(
-        client, app_server, reference):
+    client, app_server, reference
+):
     seen = []
 
     def fail_once(module, args):
@@ -312,11 +331,12 @@ def test_live_previews_cost_at_most_5_percent_of_a_run(app_server):
     rate = inspect.signature(generate_streaming).parameters["previews_per_s"].default
     pipe = app_server.pipe
     with app_server.models.using(app_server.name):
-        _, run = sdviz.generate(pipe, sdviz.Settings("a red circle", steps=4, width=64, height=64, seed=0,
-                                                     scheduler="DDIM"))
+        _, run = sdviz.generate(
+            pipe, sdviz.Settings("a red circle", steps=4, width=64, height=64, seed=0, scheduler="DDIM")
+        )
     factors = latent_rgb_factors(pipe)
     latent = run.x0[-1]
-    live_preview(latent, factors).save(io.BytesIO(), "webp")      # warm-up
+    live_preview(latent, factors).save(io.BytesIO(), "webp")  # warm-up
     start = time.perf_counter()
     for _ in range(20):
         live_preview(latent, factors).save(io.BytesIO(), "webp")

@@ -11,16 +11,26 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
 
 
 @pytest.fixture(scope="module")
 def page(app_server):
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium is missing at {CHROMIUM}: run `apt-get update && apt-get install -y chromium` "
-                    f"(never `playwright install`)")
+        pytest.fail(
+            f"Chromium is missing at {CHROMIUM}: run `apt-get update && apt-get install -y chromium` "
+            f"(never `playwright install`)"
+        )
     from playwright.sync_api import sync_playwright
 
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -43,7 +53,8 @@ def wait_image_changes(page, selector: str, old: str | None):
     """Wait until the image inside `selector` has a src other than `old`."""
     page.wait_for_function(
         "([sel, old]) => { const i = document.querySelector(sel); return i && i.src !== old; }",
-        arg=[f"{selector} img", old])
+        arg=[f"{selector} img", old],
+    )
 
 
 def set_slider(page, elem_id: str, value: int):
@@ -60,7 +71,7 @@ def test_generate_streams_live_previews_then_shows_the_result(page, app_server):
     page.click("#sdviz-generate")
     previews, deadline = set(), time.monotonic() + 120
     while time.monotonic() < deadline:
-        if (s := src(page, "#sdviz-preview")):
+        if s := src(page, "#sdviz-preview"):
             previews.add(s)
         if "Done:" in page.inner_text("#sdviz-progress"):
             break
@@ -79,11 +90,12 @@ def test_clicking_a_word_changes_the_heatmap(page):
     before = src(page, "#sdviz-heatmap")
     words = page.locator("#sdviz-words label")
     assert words.count() >= 6
-    target = "square" if "square" not in (page.locator("#sdviz-words input:checked").get_attribute("value") or "") \
-        else "red"
+    target = (
+        "square" if "square" not in (page.locator("#sdviz-words input:checked").get_attribute("value") or "") else "red"
+    )
     page.locator("#sdviz-words label", has_text=target).first.click()
     wait_image_changes(page, "#sdviz-heatmap", before)
-    page.locator("#sdviz-ask img").click(position={"x": 60, "y": 200})     # "Ask the image"
+    page.locator("#sdviz-ask img").click(position={"x": 60, "y": 200})  # "Ask the image"
     page.wait_for_selector("#sdviz-ask-plot img")
     page.locator("#sdviz-heatmap").scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "2-words.png"), full_page=True)
@@ -131,15 +143,18 @@ def test_compare_tab_runs_guidance_variants_and_the_shared_step_redraws_them(pag
     page.get_by_role("tab", name="Compare").click()
     values = page.locator("#sdviz-cmp-values textarea, #sdviz-cmp-values input").first
     assert values.input_value() == "1, 3, 7.5, 15"
-    page.locator("#sdviz-cmp-vary label", has_text="Steps").click()          # defaults follow the setting
-    page.wait_for_function("() => document.querySelector('#sdviz-cmp-values input, #sdviz-cmp-values textarea')"
-                           ".value === '5, 10, 20, 40'")
+    page.locator("#sdviz-cmp-vary label", has_text="Steps").click()  # defaults follow the setting
+    page.wait_for_function(
+        "() => document.querySelector('#sdviz-cmp-values input, #sdviz-cmp-values textarea').value === '5, 10, 20, 40'"
+    )
     page.locator("#sdviz-cmp-vary label", has_text="Guidance scale").click()
-    page.wait_for_function("() => document.querySelector('#sdviz-cmp-values input, #sdviz-cmp-values textarea')"
-                           ".value === '1, 3, 7.5, 15'")
+    page.wait_for_function(
+        "() => document.querySelector('#sdviz-cmp-values input, #sdviz-cmp-values textarea').value === '1, 3, 7.5, 15'"
+    )
     page.click("#sdviz-cmp-run")
-    page.wait_for_function("() => document.querySelector('#sdviz-cmp-progress').innerText.includes('Done: 4 variants')",
-                           timeout=120_000)
+    page.wait_for_function(
+        "() => document.querySelector('#sdviz-cmp-progress').innerText.includes('Done: 4 variants')", timeout=120_000
+    )
     page.wait_for_selector("#sdviz-cmp-figure img")
     assert page.locator("#sdviz-cmp-gallery img").count() == 4
     gallery_text = page.inner_text("#sdviz-cmp-gallery")
@@ -165,14 +180,15 @@ def test_compare_tab_two_prompts_shows_both_and_switches_to_a_shared_word(page):
     assert not page.locator("#sdviz-cmp-prompt-b").is_visible()
     page.locator("#sdviz-cmp-mode label", has_text="Two prompts").click()
     page.wait_for_selector("#sdviz-cmp-prompt-b textarea", state="visible")
-    assert not page.locator("#sdviz-cmp-values").is_visible()          # the vary-one-setting inputs hide
+    assert not page.locator("#sdviz-cmp-values").is_visible()  # the vary-one-setting inputs hide
     # A word picked for the other mode ("circle", by the test above) is cleared: pairs open on their changed words.
     page.wait_for_function("() => document.querySelector('#sdviz-cmp-word input').value === ''")
     page.fill("#sdviz-cmp-prompt-b textarea", "a blue circle")
     before = src(page, "#sdviz-cmp-figure")
     page.click("#sdviz-cmp-run")
-    page.wait_for_function("() => document.querySelector('#sdviz-cmp-progress').innerText.includes('Done: 2 variants')",
-                           timeout=120_000)
+    page.wait_for_function(
+        "() => document.querySelector('#sdviz-cmp-progress').innerText.includes('Done: 2 variants')", timeout=120_000
+    )
     wait_image_changes(page, "#sdviz-cmp-figure", before)
     assert page.locator("#sdviz-cmp-gallery img").count() == 2
     gallery_text = page.inner_text("#sdviz-cmp-gallery")
@@ -190,7 +206,7 @@ def test_compare_tab_two_prompts_shows_both_and_switches_to_a_shared_word(page):
     grid = page.locator("#sdviz-cmp-gallery .grid-wrap").bounding_box()
     assert box["height"] <= grid["height"], "a final image is cropped by the gallery"
     before = src(page, "#sdviz-cmp-figure")
-    page.locator("#sdviz-cmp-exact input").check()                    # x0 row: VAE decode instead of preview
+    page.locator("#sdviz-cmp-exact input").check()  # x0 row: VAE decode instead of preview
     wait_image_changes(page, "#sdviz-cmp-figure", before)
     page.locator("#sdviz-cmp-figure").scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "9-compare-pair-exact.png"), full_page=True)

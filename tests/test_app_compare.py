@@ -8,21 +8,20 @@ import numpy as np
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
-from PIL import Image
+from test_app_api import assert_pipeline_restored, form, generate, pixels
 
 from sdviz.ui.compare_view import CHANGED
-
-from test_app_api import assert_pipeline_restored, form, generate, pixels
 
 STEPS = 3
 PROMPT = "a red circle on the left"
 OUTPUTS = ["progress", "live", "gallery", "figure", "word", "step", "notes"]
 
 
-def compare_inputs(server, mode="vary", vary="guidance", values="1, 7.5", schedulers=(), prompt_b="", word="",
-                   exact=False, **change):
+def compare_inputs(
+    server, mode="vary", vary="guidance", values="1, 7.5", schedulers=(), prompt_b="", word="", exact=False, **change
+):
     """The /compare inputs, in order: the Compare tab's controls, then the main form (test defaults)."""
-    main = form(server, change.pop("prompt", PROMPT), **{"steps": STEPS, **change})[:-1]   # no per-head option
+    main = form(server, change.pop("prompt", PROMPT), **{"steps": STEPS, **change})[:-1]  # no per-head option
     return [mode, vary, values, list(schedulers), prompt_b, word, exact, *main]
 
 
@@ -60,7 +59,7 @@ def test_guidance_comparison_streams_and_gives_one_different_image_per_value(cli
     assert captions(out) == ["guidance 1", "guidance 7.5"]
     first, second = variant_images(out)
     assert first.shape == (64, 64, 3) and not np.array_equal(first, second)
-    assert pixels(out["figure"]).shape[1] > 2 * 64                       # two columns of panels
+    assert pixels(out["figure"]).shape[1] > 2 * 64  # two columns of panels
     assert out["step"]["maximum"] == STEPS and out["step"]["value"] == STEPS
     assert out["word"]["value"] in [value for _, value in out["word"]["choices"]]
     assert "Same “a red circle on the left”, seed 7, 3 steps, DDIM" in out["notes"]
@@ -90,13 +89,13 @@ def test_steps_and_scheduler_comparisons_apply_their_setting(client, app_server)
 def test_prompt_pair_shows_the_changed_words_and_can_switch_to_a_shared_word(client, app_server):
     calls = len(app_server.unet_calls)
     out = run_compare(client, app_server, mode="pair", prompt="a red circle", prompt_b="a blue circle")
-    assert len(app_server.unet_calls) - calls == 2 * STEPS * 1             # one batched CFG call per step
+    assert len(app_server.unet_calls) - calls == 2 * STEPS * 1  # one batched CFG call per step
     assert captions(out) == ["a red circle", "a blue circle"]
     assert out["word"]["value"] == CHANGED
-    choices = dict((value, label) for label, value in out["word"]["choices"])
+    choices = {value: label for label, value in out["word"]["choices"]}
     assert choices[CHANGED] == "changed words: red / blue" and "circle" in choices
     changed = pixels(out["figure"])
-    assert np.array_equal(view(client, CHANGED, STEPS), changed)           # re-drawing gives the same figure
+    assert np.array_equal(view(client, CHANGED, STEPS), changed)  # re-drawing gives the same figure
     assert not np.array_equal(view(client, "circle", STEPS), changed)
     with pytest.raises(AppError, match="'red' is not in 'a blue circle'"):
         view(client, "red", STEPS)
@@ -123,8 +122,8 @@ def test_exact_decode_redraws_x0_with_the_vae_and_never_the_unet(client, app_ser
     hook = app_server.pipe.vae.decoder.register_forward_pre_hook(lambda module, args: decodes.append(args[0].shape))
     try:
         fast, exact = view(client, "circle", 2), view(client, "circle", 2, exact=True)
-        assert len(decodes) == 2                                 # x0 of step 2, once per variant
-        assert np.array_equal(view(client, "circle", 2, exact=True), exact) and len(decodes) == 2   # cached
+        assert len(decodes) == 2  # x0 of step 2, once per variant
+        assert np.array_equal(view(client, "circle", 2, exact=True), exact) and len(decodes) == 2  # cached
     finally:
         hook.remove()
     assert len(app_server.unet_calls) == unet
@@ -135,22 +134,26 @@ def test_exact_decode_redraws_x0_with_the_vae_and_never_the_unet(client, app_ser
 
 
 # -- bad input ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("change, message", [
-    (dict(values="1, 2, 3, 4, 5"), "at most 4 guidance values.*Remove 1"),
-    (dict(values="1, strong"), "numbers separated by commas.*'strong'"),
-    (dict(values=" , "), "no guidance values"),
-    (dict(values="1, 60"), "between 0 and 50"),
-    (dict(vary="steps", values="2, 1000"), "steps must be whole numbers from 1 to"),
-    (dict(vary="steps", values="2, 2.5"), "whole number"),
-    (dict(vary="seed", values="1, x"), "seed must be a whole number"),
-    (dict(vary="scheduler", schedulers=[]), "tick 2 to 4 schedulers"),
-    (dict(vary="scheduler", schedulers=["DDIM", "Heun"]), "'Heun'.*(list of choices|choose from)"),
-    (dict(mode="pair", prompt="a red circle", prompt_b="A red  circle"), "same words"),
-    (dict(mode="pair", prompt="a red circle", prompt_b=""), "type a second prompt"),
-    (dict(word="zebra"), "'zebra' is not a word of the prompt; pick one of: a, red, circle"),
-    (dict(mode="pair", prompt="a red circle", prompt_b="a blue circle", word="red"), "'red' is not in 'a blue"),
-    (dict(model="my-secret-model"), "unknown model"),
-], ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(values="1, 2, 3, 4, 5"), "at most 4 guidance values.*Remove 1"),
+        (dict(values="1, strong"), "numbers separated by commas.*'strong'"),
+        (dict(values=" , "), "no guidance values"),
+        (dict(values="1, 60"), "between 0 and 50"),
+        (dict(vary="steps", values="2, 1000"), "steps must be whole numbers from 1 to"),
+        (dict(vary="steps", values="2, 2.5"), "whole number"),
+        (dict(vary="seed", values="1, x"), "seed must be a whole number"),
+        (dict(vary="scheduler", schedulers=[]), "tick 2 to 4 schedulers"),
+        (dict(vary="scheduler", schedulers=["DDIM", "Heun"]), "'Heun'.*(list of choices|choose from)"),
+        (dict(mode="pair", prompt="a red circle", prompt_b="A red  circle"), "same words"),
+        (dict(mode="pair", prompt="a red circle", prompt_b=""), "type a second prompt"),
+        (dict(word="zebra"), "'zebra' is not a word of the prompt; pick one of: a, red, circle"),
+        (dict(mode="pair", prompt="a red circle", prompt_b="a blue circle", word="red"), "'red' is not in 'a blue"),
+        (dict(model="my-secret-model"), "unknown model"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
 def test_bad_comparison_input_gets_a_message_and_runs_nothing(client, app_server, change, message):
     calls = len(app_server.unet_calls)
     with pytest.raises(AppError, match=message):
@@ -169,14 +172,14 @@ def test_cancelled_comparison_leaves_the_next_single_run_identical_to_a_fresh_on
     calls = len(app_server.unet_calls)
     job = client.submit(*compare_inputs(app_server, values="3, 7.5, 15", steps=cap), api_name="/compare")
     deadline = time.monotonic() + 60
-    while len(app_server.unet_calls) < calls + cap + 3 and time.monotonic() < deadline:   # inside variant 2
+    while len(app_server.unet_calls) < calls + cap + 3 and time.monotonic() < deadline:  # inside variant 2
         time.sleep(0.05)
     job.cancel()
     time.sleep(1.0)
     stopped_at = len(app_server.unet_calls)
-    assert calls + cap + 3 <= stopped_at < calls + 3 * cap                 # it ran, and stopped before the end
+    assert calls + cap + 3 <= stopped_at < calls + 3 * cap  # it ran, and stopped before the end
     time.sleep(1.0)
-    assert len(app_server.unet_calls) == stopped_at                        # and the worker has stopped
+    assert len(app_server.unet_calls) == stopped_at  # and the worker has stopped
     assert_pipeline_restored(app_server.pipe)
     out = generate(client, app_server, PROMPT, steps=STEPS)
     assert np.array_equal(pixels(out["image"]), reference)

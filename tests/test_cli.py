@@ -13,8 +13,15 @@ import sdviz
 from sdviz.__main__ import main, split_line
 
 FAST = ["--model", "random-sd1", "--size", "64", "--steps", "2", "--scheduler", "ddim"]
-PICTURES = ["image.png", "heatmaps.png", "steps.png", "latent-rgb.png", "latent-channels.png", "schedule.png",
-            "attention-over-time.png"]
+PICTURES = [
+    "image.png",
+    "heatmaps.png",
+    "steps.png",
+    "latent-rgb.png",
+    "latent-channels.png",
+    "schedule.png",
+    "attention-over-time.png",
+]
 
 
 def assert_handout(folder, prompt, words):
@@ -38,22 +45,27 @@ def test_one_prompt_writes_every_file(tmp_path, capsys):
 
     assert code == 0
     run = assert_handout(out, "a red circle above a blue square", ["a", "red", "circle", "above", "blue", "square"])
-    assert run.num_steps == 2 and run.info["scheduler"] == "DDIMScheduler" and run.info["guidance_scale"] == 3
-    assert "python -m sdviz 'a red circle above a blue square' --model random-sd1 --steps 2 --guidance 3 --seed 4" \
+    assert run.num_steps == 2 and run.info.scheduler == "DDIMScheduler" and run.info.guidance_scale == 3
+    assert (
+        "python -m sdviz 'a red circle above a blue square' --model random-sd1 --steps 2 --guidance 3 --seed 4"
         in html.unescape((out / "report.html").read_text(encoding="utf-8"))
+    )
     err = capsys.readouterr().err
-    assert "steps:" in err and "/2 [" in err                              # the step progress bar
+    assert "steps:" in err and "/2 [" in err  # the step progress bar
     assert "wrote 1 of 1 prompt to" in err
 
 
 def test_a_batch_goes_on_past_bad_lines_and_reports_them_with_a_nonzero_exit(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("# a comment, then a blank line\n\n"
-                       "a red circle above a blue square\n"
-                       "a red circle --steps 0\n"                          # an invalid setting
-                       "a blue circle --seed 3 --guidance 1\n"             # its own settings
-                       "a green circle --seed abc\n"                       # a line that can't be read
-                       "a yellow square\n", encoding="utf-8")              # lacks the word asked for: raises
+    prompts.write_text(
+        "# a comment, then a blank line\n\n"
+        "a red circle above a blue square\n"
+        "a red circle --steps 0\n"  # an invalid setting
+        "a blue circle --seed 3 --guidance 1\n"  # its own settings
+        "a green circle --seed abc\n"  # a line that can't be read
+        "a yellow square\n",
+        encoding="utf-8",
+    )  # lacks the word asked for: raises
     out = tmp_path / "batch"
     code = main(["--prompts", str(prompts), "--out", str(out), "--words", "circle", *FAST])
 
@@ -61,10 +73,10 @@ def test_a_batch_goes_on_past_bad_lines_and_reports_them_with_a_nonzero_exit(tmp
     assert sorted(p.name for p in out.iterdir()) == ["01-a-red-circle-above-a-blue-square", "03-a-blue-circle"]
     first = assert_handout(out / "01-a-red-circle-above-a-blue-square", "a red circle above a blue square", ["circle"])
     third = assert_handout(out / "03-a-blue-circle", "a blue circle", ["circle"])
-    assert first.info["guidance_scale"] == 7.5 and third.info["guidance_scale"] == 1.0   # the line's own setting
+    assert first.info.guidance_scale == 7.5 and third.info.guidance_scale == 1.0  # the line's own setting
     err = capsys.readouterr().err
-    assert "prompts: 100%" in err and "steps:" in err                    # the progress bars
-    summary = err[err.index("wrote 2 of 5 prompts"):]
+    assert "prompts: 100%" in err and "steps:" in err  # the progress bars
+    summary = err[err.index("wrote 2 of 5 prompts") :]
     assert "3 failed:" in summary
     assert "line 4 ('a red circle --steps 0'): ValueError: steps must be a whole number from 1 to 150; got 0" in summary
     assert "line 6 ('a green circle --seed abc')" in summary and "invalid int value: 'abc'" in summary
@@ -76,25 +88,50 @@ def test_help_documents_every_option_with_examples(capsys):
         main(["--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--out", "--model", "--scheduler", "--steps", "--guidance", "--seed", "--size", "--negative",
-                   "--words", "--prompts", "--device", "--dtype", "random-sd1", "examples:", "report.html",
-                   "trace.safetensors", "heatmap-NN-<word>.png", "exit status"):
+    for option in (
+        "--out",
+        "--model",
+        "--scheduler",
+        "--steps",
+        "--guidance",
+        "--seed",
+        "--size",
+        "--negative",
+        "--words",
+        "--prompts",
+        "--device",
+        "--dtype",
+        "random-sd1",
+        "examples:",
+        "report.html",
+        "trace.safetensors",
+        "heatmap-NN-<word>.png",
+        "exit status",
+    ):
         assert option in text, option
 
 
 def test_python_dash_m_sdviz_runs():
-    done = subprocess.run([sys.executable, "-m", "sdviz", "--help"], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-m", "sdviz", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert done.returncode == 0 and "usage: python -m sdviz" in done.stdout
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "give one prompt, or --prompts FILE"),
-    (["a cat", "--size", "64x"], "size must be N or WxH"),
-    (["a cat", "--scheduler", "fast"], "unknown scheduler 'fast'; choose one of: DDIM"),
-    (["a cat", "--steps", "0", "--model", "random-sd1"], "steps must be a whole number from 1 to 150"),
-    (["   "], "the prompt is empty"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "give one prompt, or --prompts FILE"),
+        (["a cat", "--size", "64x"], "size must be N or WxH"),
+        (["a cat", "--scheduler", "fast"], "unknown scheduler 'fast'; choose one of: DDIM"),
+        (["a cat", "--steps", "0", "--model", "random-sd1"], "steps must be a whole number from 1 to 150"),
+        (["   "], "the prompt is empty"),
+    ],
+)
 def test_usage_errors_exit_2_and_say_what_to_do(argv, message, capsys):
     with pytest.raises(SystemExit) as done:
         main(argv)
@@ -120,7 +157,9 @@ def test_model_errors_exit_2_and_say_what_to_do(tmp_path, monkeypatch, capsys):
 def test_a_prompts_file_line_may_carry_its_own_settings():
     assert split_line("a red circle") == ("a red circle", {})
     assert split_line("a red circle --seed 3 --scheduler 'euler a' --size 64x128 --negative \"blue, green\"") == (
-        "a red circle", {"seed": 3, "scheduler": "Euler a", "size": (64, 128), "negative": "blue, green"})
+        "a red circle",
+        {"seed": 3, "scheduler": "Euler a", "size": (64, 128), "negative": "blue, green"},
+    )
     assert split_line("a well-lit -- no, dim -- room") == ("a well-lit -- no, dim -- room", {})
     with pytest.raises(ValueError, match="unrecognized arguments: --colour"):
         split_line("a cat --colour red")

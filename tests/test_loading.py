@@ -5,12 +5,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import SIZE, seeded
 
 import sdviz
 from sdviz.loading import pick_dtype
 from sdviz.random_models import build_random_pipeline
-
-from conftest import SIZE, seeded
 
 FAMILIES = {
     # family: (pipeline class, cross-attention width, prediction type, scheduler class)
@@ -26,7 +25,7 @@ def test_a_saved_pipeline_of_each_family_loads_and_generates_the_same_image(fami
     original = build_random_pipeline(family)
     original.set_progress_bar_config(disable=True)
     original.save_pretrained(tmp_path, safe_serialization=True)
-    assert not list(tmp_path.rglob("*.bin"))                     # safetensors only
+    assert not list(tmp_path.rglob("*.bin"))  # safetensors only
     pipe = sdviz.load_pipeline(str(tmp_path), device="cpu")
     pipe.set_progress_bar_config(disable=True)
     cls, cross, prediction, scheduler = FAMILIES[family]
@@ -34,12 +33,19 @@ def test_a_saved_pipeline_of_each_family_loads_and_generates_the_same_image(fami
     assert pipe.unet.config.cross_attention_dim == cross
     assert pipe.scheduler.config.prediction_type == prediction
     assert type(pipe.scheduler).__name__ == scheduler
-    assert pipe.unet.dtype == torch.float32                       # small model on CPU: fp32
+    assert pipe.unet.dtype == torch.float32  # small model on CPU: fp32
+    for part in ("unet", "vae", "text_encoder"):  # the weights round-trip exactly
+        saved, loaded = getattr(original, part).state_dict(), getattr(pipe, part).state_dict()
+        assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
     kw = dict(num_inference_steps=2, height=SIZE, width=SIZE, output_type="np", guidance_scale=5.0)
     a = original("a red circle", generator=seeded(), **kw).images
+    b = pipe("a red circle", generator=seeded(), **kw).images
     with sdviz.trace(pipe) as tracer:
-        b = pipe("a red circle", generator=seeded(), **kw).images
-    assert np.array_equal(a, b)
+        c = pipe("a red circle", generator=seeded(), **kw).images
+    # The same image: a freshly loaded copy may take other CPU kernels (measured: ≤ 2e-6 apart), and
+    # tracing it changes nothing at all.
+    assert np.abs(a - b).max() < 1e-5
+    assert np.array_equal(b, c)
     assert tracer.result.words[1].text == "red"
 
 
@@ -55,12 +61,12 @@ def test_an_unknown_name_lists_the_presets():
 
 @pytest.mark.parametrize("offline_flag", ["1", None])
 def test_an_uncached_hub_model_fails_fast_with_what_to_do(offline_flag, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path))                  # an empty cache
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
     if offline_flag:
         monkeypatch.setenv("HF_HUB_OFFLINE", offline_flag)
     else:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")   # nothing listens: unreachable, like no network
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: unreachable, like no network
     start = time.monotonic()
     with pytest.raises(sdviz.ModelUnavailableError, match="huggingface-cli download stabilityai/sd-turbo"):
         sdviz.load_pipeline("sd-turbo")
@@ -70,8 +76,13 @@ def test_an_uncached_hub_model_fails_fast_with_what_to_do(offline_flag, tmp_path
 def test_a_non_stable_diffusion_pipeline_is_refused(tmp_path):
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-    unet = UNet2DModel(sample_size=8, block_out_channels=(32, 32), down_block_types=("DownBlock2D",) * 2,
-                       up_block_types=("UpBlock2D",) * 2, norm_num_groups=32)
+    unet = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+        norm_num_groups=32,
+    )
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path)
     with pytest.raises(TypeError, match="sdviz traces Stable Diffusion"):
         sdviz.load_pipeline(str(tmp_path))

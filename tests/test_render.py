@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SIZE, seeded
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
@@ -15,14 +16,13 @@ import sdviz
 from sdviz import render
 from sdviz.preview import fit_latent_rgb, latent_to_rgb
 
-from conftest import SIZE, seeded
-
 
 @pytest.fixture(scope="module")
 def traced_run(sd1_pipe):
     with sdviz.trace(sd1_pipe) as tracer:
-        image = sd1_pipe("a red circle above a blue square", num_inference_steps=4, height=SIZE, width=SIZE,
-                         generator=seeded()).images[0]
+        image = sd1_pipe(
+            "a red circle above a blue square", num_inference_steps=4, height=SIZE, width=SIZE, generator=seeded()
+        ).images[0]
     return image, tracer.result
 
 
@@ -41,7 +41,7 @@ def test_overlay_blends_the_colour_mapped_heatmap_at_the_given_opacity(traced_ru
 
 def test_preview_is_the_linear_map_of_the_latent(traced_run):
     _, run = traced_run
-    factors = torch.tensor(run.info["latent_rgb"])
+    factors = torch.tensor(run.info.latent_rgb)
     z = run.x0[2]
     manual = ((z.permute(1, 2, 0) @ factors[:4] + factors[4] + 1) * 127.5).clamp(0, 255).round().byte()
     assert np.array_equal(run.preview(2), manual.numpy())
@@ -53,13 +53,14 @@ def test_the_colour_fit_recovers_a_linear_vae():
     """A fake VAE whose latent is a known linear function of the pooled colour: the fit inverts it."""
     mix = torch.tensor([[0.5, -1.0, 0.2], [0.3, 0.8, -0.4], [-0.7, 0.1, 0.9], [0.2, 0.2, 0.2]])  # [C=4, 3]
 
-    def encode(x):                                              # x [N, 3, s, s] in [-1, 1]
-        pooled = F.avg_pool2d(x, 8)                             # [N, 3, s/8, s/8]
+    def encode(x):  # x [N, 3, s, s] in [-1, 1]
+        pooled = F.avg_pool2d(x, 8)  # [N, 3, s/8, s/8]
         z = torch.einsum("cr,nrhw->nchw", mix, pooled) + 0.1
         return SimpleNamespace(latent_dist=SimpleNamespace(mean=z / 0.5))
 
-    vae = SimpleNamespace(encode=encode, parameters=lambda: iter([torch.zeros(1)]),
-                          config=SimpleNamespace(scaling_factor=0.5))
+    vae = SimpleNamespace(
+        encode=encode, parameters=lambda: iter([torch.zeros(1)]), config={"scaling_factor": 0.5}
+    )
     factors = fit_latent_rgb(vae)
     rgb = torch.rand(5, 5, 3) * 2 - 1
     latent = torch.einsum("cr,hwr->chw", mix, rgb) + 0.1
@@ -88,21 +89,22 @@ def test_exact_decode_runs_the_vae_once_per_step(traced_run, sd1_pipe):
 
 def test_the_final_decode_is_the_pipelines_image(sd1_pipe):
     with sdviz.trace(sd1_pipe) as tracer:
-        image = sd1_pipe("a cat", num_inference_steps=3, height=SIZE, width=SIZE, generator=seeded(),
-                         output_type="np").images[0]
+        image = sd1_pipe(
+            "a cat", num_inference_steps=3, height=SIZE, width=SIZE, generator=seeded(), output_type="np"
+        ).images[0]
     decoded = tracer.result.decode(0, sd1_pipe.vae, which="final")
     assert np.abs(decoded.astype(int) - (image * 255).round().astype(int)).max() <= 1
 
 
 def test_latent_pictures_put_channels_where_they_say(traced_run):
     z = torch.zeros(4, 8, 8)
-    z[0] = torch.linspace(-3, 3, 8)[None, :]                    # channel 0 grows left → right
+    z[0] = torch.linspace(-3, 3, 8)[None, :]  # channel 0 grows left → right
     rgb = np.asarray(render.latent_rgb(z))
     assert rgb.shape == (8, 8, 3)
-    assert rgb[0, 0, 0] == 0 and rgb[0, -1, 0] == 255           # red follows channel 0
+    assert rgb[0, 0, 0] == 0 and rgb[0, -1, 0] == 255  # red follows channel 0
     strip = np.asarray(render.latent_channels(z, size=16))
     assert strip.shape == (16, 4 * 16 + 3 * 2, 3)
-    assert strip[0, 15, 0] > strip[0, 0, 0]                     # first tile is channel 0's gradient
+    assert strip[0, 15, 0] > strip[0, 0, 0]  # first tile is channel 0's gradient
     assert render.latent_rgb(z, size=64).size == (64, 64)
 
 
@@ -151,7 +153,8 @@ def test_region_bars_tick_labels_never_run_into_each_other(top):
     fig = render.region_bars({"left": top, "the": top / 7, "a": top / 100, "blue": top / 50})
     renderer = FigureCanvasAgg(fig).get_renderer()
     fig.draw(renderer)
-    boxes = sorted((t.get_window_extent(renderer) for t in fig.axes[0].get_xticklabels() if t.get_text()),
-                   key=lambda b: b.x0)
+    boxes = sorted(
+        (t.get_window_extent(renderer) for t in fig.axes[0].get_xticklabels() if t.get_text()), key=lambda b: b.x0
+    )
     assert len(boxes) >= 3
     assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))

@@ -7,17 +7,24 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from conftest import SIZE
 from PIL import Image
 
 import sdviz
 from sdviz import report
 
-from conftest import SIZE
-
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 PROMPT = "a red circle above a blue square"
 NEGATIVE = '<b>blurry</b> & "ugly"'
 WORDS = ["a", "red", "circle", "above", "blue", "square"]  # the distinct words of PROMPT
@@ -27,8 +34,9 @@ IMAGE_COUNT = 1 + 1 + len(WORDS) + 1 + 1 + 1 + 2
 
 @pytest.fixture(scope="module")
 def traced(sd1_pipe):
-    settings = sdviz.Settings(PROMPT, negative_prompt=NEGATIVE, steps=3, width=SIZE, height=SIZE, seed=1,
-                              scheduler="DDIM")
+    settings = sdviz.Settings(
+        PROMPT, negative_prompt=NEGATIVE, steps=3, width=SIZE, height=SIZE, seed=1, scheduler="DDIM"
+    )
     image, run = sdviz.generate(sd1_pipe, settings)
     return image, run, settings
 
@@ -36,8 +44,9 @@ def traced(sd1_pipe):
 @pytest.fixture(scope="module")
 def report_file(traced, tmp_path_factory):
     image, run, settings = traced
-    return report.write_report(tmp_path_factory.mktemp("report") / "report.html", run, image, settings,
-                               extra={"Note <i>": "<i>not italic</i>"})
+    return report.write_report(
+        tmp_path_factory.mktemp("report") / "report.html", run, image, settings, extra={"Note <i>": "<i>not italic</i>"}
+    )
 
 
 class Refs(HTMLParser):
@@ -64,8 +73,8 @@ def test_report_is_one_file_with_every_image_embedded_and_no_external_reference(
 
     assert len(refs.images) == IMAGE_COUNT
     assert all(src.startswith("data:image/png;base64,") for src in refs.images)
-    assert refs.refs == refs.images                                  # no links, stylesheets or scripts elsewhere
-    for src in refs.images:                                          # every data: URI is a real picture
+    assert refs.refs == refs.images  # no links, stylesheets or scripts elsewhere
+    for src in refs.images:  # every data: URI is a real picture
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
     assert "script" not in refs.tags and "link" not in refs.tags and "iframe" not in refs.tags
     assert "http://" not in text and "https://" not in text and "url(" not in text and "@import" not in text
@@ -73,14 +82,28 @@ def test_report_is_one_file_with_every_image_embedded_and_no_external_reference(
 
 def test_report_shows_the_settings_and_explains_each_picture(report_file):
     text = " ".join(report_file.read_text(encoding="utf-8").split())
-    for shown in (PROMPT, "DDIM", ">3<", ">7.5<", ">1<", "64 × 64 pixels"):   # prompt, scheduler, steps, guidance, seed
+    for shown in (PROMPT, "DDIM", ">3<", ">7.5<", ">1<", "64 × 64 pixels"):  # prompt, scheduler, steps, guidance, seed
         assert shown in text
-    for heading in ("The picture and how it was made", "Where each word looked", "Attention over time",
-                    "Step by step", "The noise schedule", "The latent"):
+    for heading in (
+        "The picture and how it was made",
+        "Where each word looked",
+        "Attention over time",
+        "Step by step",
+        "The noise schedule",
+        "The latent",
+    ):
         assert f"{heading}" in text, heading
-    for explained in ("77 token vectors", "cross-attention", "predicts the noise", "removes part of the predicted noise",
-                      "4 × 8 × 8", "VAE decoder", "timestep", "share of the attention",
-                      "averaged over the attention heads, over all 3 steps and over all 16 layers"):
+    for explained in (
+        "77 token vectors",
+        "cross-attention",
+        "predicts the noise",
+        "removes part of the predicted noise",
+        "4 × 8 × 8",
+        "VAE decoder",
+        "timestep",
+        "share of the attention",
+        "averaged over the attention heads, over all 3 steps and over all 16 layers",
+    ):
         assert explained in text, explained
 
 
@@ -93,13 +116,17 @@ def test_report_escapes_user_text(report_file):
 
 def test_report_renders_in_headless_chromium_with_every_image_loaded(report_file):
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium is missing at {CHROMIUM}: install it with `apt-get install chromium` "
-                    f"(never `playwright install`)")
+        pytest.fail(
+            f"Chromium is missing at {CHROMIUM}: install it with `apt-get install chromium` "
+            f"(never `playwright install`)"
+        )
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail("the playwright package is missing: `pip install playwright==1.65.2` "
-                    "(never `playwright install`; the test uses the system Chromium)")
+        pytest.fail(
+            "the playwright package is missing: `pip install playwright==1.65.2` "
+            "(never `playwright install`; the test uses the system Chromium)"
+        )
     ARTIFACTS.mkdir(exist_ok=True)
     requests = []
     with sync_playwright() as p:
@@ -121,9 +148,9 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(report_file
 
     assert len(widths) == IMAGE_COUNT and all(w > 0 for w in widths), widths
     assert PROMPT in title and PROMPT in heading
-    assert [u for u in requests if not u.startswith(("file:", "data:"))] == []   # nothing fetched from outside
+    assert [u for u in requests if not u.startswith(("file:", "data:"))] == []  # nothing fetched from outside
     assert pdf.startswith(b"%PDF") and len(pdf) > 10_000
-    assert Image.open(ARTIFACTS / "report.png").size[1] > 2000          # the whole page, not a blank viewport
+    assert Image.open(ARTIFACTS / "report.png").size[1] > 2000  # the whole page, not a blank viewport
 
 
 def test_handout_images_draw_the_chosen_words_and_name_the_others_when_one_is_wrong(traced):
@@ -131,10 +158,17 @@ def test_handout_images_draw_the_chosen_words_and_name_the_others_when_one_is_wr
     pictures = report.handout_images(run, image, words=["circle", "Blue"])
 
     assert sorted(n for n in pictures if n.startswith("heatmap-")) == ["heatmap-01-circle.png", "heatmap-02-blue.png"]
-    assert set(pictures) >= {"image.png", "heatmaps.png", "steps.png", "latent-rgb.png", "latent-channels.png",
-                             "schedule.png", "attention-over-time.png"}
+    assert set(pictures) >= {
+        "image.png",
+        "heatmaps.png",
+        "steps.png",
+        "latent-rgb.png",
+        "latent-channels.png",
+        "schedule.png",
+        "attention-over-time.png",
+    }
     assert pictures["image.png"].size == (SIZE, SIZE)
-    assert min(pictures["heatmap-01-circle.png"].size) >= report.MIN_SIDE    # small images are enlarged
+    assert min(pictures["heatmap-01-circle.png"].size) >= report.MIN_SIDE  # small images are enlarged
     with pytest.raises(KeyError, match="'zebra' is not a word of the prompt; its words are: 'a', 'red'"):
         report.handout_images(run, image, words=["zebra"])
 
@@ -143,9 +177,10 @@ def test_a_saved_trace_makes_the_same_report(traced, tmp_path):
     image, run, settings = traced
     loaded = sdviz.TraceResult.load(run.save(tmp_path / "trace.safetensors"))
 
-    one_word = dict(words=["circle"])                                    # fewer pictures: a faster test
-    assert (report.report_html(loaded, image, settings, **one_word)
-            == report.report_html(run, image, settings, **one_word))
+    one_word = dict(words=["circle"])  # fewer pictures: a faster test
+    assert report.report_html(loaded, image, settings, **one_word) == report.report_html(
+        run, image, settings, **one_word
+    )
 
 
 def test_an_unconditional_run_says_so_and_points_to_no_missing_section(sd1_pipe):

@@ -26,6 +26,7 @@ def pipe():
 
 # -- the world --------------------------------------------------------------------------------------
 
+
 def test_world_masks_are_exactly_the_pixels_of_each_object():
     # Edges are anti-aliased: a pixel belongs to an object when it is more object than background.
     bg = np.array(world.BACKGROUND, np.float32)
@@ -37,7 +38,7 @@ def test_world_masks_are_exactly_the_pixels_of_each_object():
             nearer = np.linalg.norm(pixels - colour, axis=-1) < np.linalg.norm(pixels - bg, axis=-1)
             near_obj = np.zeros_like(mask)
             ys, xs = np.nonzero(mask)
-            near_obj[max(ys.min() - 3, 0):ys.max() + 4, max(xs.min() - 3, 0):xs.max() + 4] = True
+            near_obj[max(ys.min() - 3, 0) : ys.max() + 4, max(xs.min() - 3, 0) : xs.max() + 4] = True
             assert mask.sum() > 40
             assert np.array_equal(nearer & near_obj, mask), scene.caption
             assert not (owned & mask).any(), "objects overlap"
@@ -65,7 +66,9 @@ def test_caption_parse_round_trips_and_rejects_text_outside_the_grammar():
         objects = world.sample_objects(rng, heldout=None)
         assert world.parse_caption(world.caption_of(objects)) == objects
     assert world.parse_caption("a small blue square on the left and a yellow triangle") == [
-        world.Obj("blue", "square", "small", "on the left"), world.Obj("yellow", "triangle")]
+        world.Obj("blue", "square", "small", "on the left"),
+        world.Obj("yellow", "triangle"),
+    ]
     for bad in ("a purple circle", "a red", "red circle", "a red circle in the middle"):
         with pytest.raises(ValueError):
             world.parse_caption(bad)
@@ -116,6 +119,7 @@ def test_a_perfect_map_at_the_models_attention_grids_can_reach_the_targets(pipe)
 
 # -- the shipped model ------------------------------------------------------------------------------
 
+
 def test_shipped_model_is_a_small_fp16_diffusers_folder_that_loads_offline(pipe):
     files = list(MODEL.rglob("*.safetensors"))
     assert {f.parent.name for f in files} == {"unet", "vae", "text_encoder"}
@@ -132,22 +136,38 @@ def test_load_pipeline_toy_gives_the_shipped_model(pipe):
 @pytest.mark.parametrize("caption", ["a green triangle", "a large yellow circle", "a small yellow circle on the left"])
 def test_draws_never_seen_colour_shape_pairs_in_the_asked_colour(pipe, caption):
     assert world.is_heldout(world.parse_caption(caption))
-    image = pipe(caption, num_inference_steps=20, guidance_scale=5.0, height=64, width=64,
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        caption,
+        num_inference_steps=20,
+        guidance_scale=5.0,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     assert evaluate.colours_present(evaluate.segment(np.asarray(image))) == {world.parse_caption(caption)[0].colour}
 
 
 def test_heldout_captions_of_colours_seen_together_get_every_colour_and_no_other(pipe):
     # The model card: 100 % of these get every colour on 48 captions × 2 seeds. Captions pairing red
     # with yellow (never together in training) are left out: the model merges them (the card says so).
-    captions = [c for c in world.heldout_captions(48)
-                if not any(s <= {o.colour for o in world.parse_caption(c)} for s in world.HELDOUT_COLOUR_SETS)][:12]
+    captions = [
+        c
+        for c in world.heldout_captions(48)
+        if not any(s <= {o.colour for o in world.parse_caption(c)} for s in world.HELDOUT_COLOUR_SETS)
+    ][:12]
     exact = 0
     for caption in captions:
-        image = pipe(caption, num_inference_steps=20, guidance_scale=5.0, height=64, width=64,
-                     generator=torch.Generator().manual_seed(0)).images[0]
+        image = pipe(
+            caption,
+            num_inference_steps=20,
+            guidance_scale=5.0,
+            height=64,
+            width=64,
+            generator=torch.Generator().manual_seed(0),
+        ).images[0]
         exact += evaluate.colours_present(evaluate.segment(np.asarray(image))) == {
-            o.colour for o in world.parse_caption(caption)}
+            o.colour for o in world.parse_caption(caption)
+        }
     assert exact >= 10, f"only {exact} of {len(captions)} images have exactly the asked colours"
 
 
@@ -163,8 +183,14 @@ def test_word_heatmaps_peak_inside_and_cover_their_objects_on_noised_heldout_sce
 
 def test_traced_generation_heatmaps_of_colour_and_shape_words_peak_on_the_object(pipe):
     with sdviz.trace(pipe) as tracer:
-        image = pipe("a green triangle at the top", num_inference_steps=20, guidance_scale=5.0, height=64,
-                     width=64, generator=torch.Generator().manual_seed(0)).images[0]
+        image = pipe(
+            "a green triangle at the top",
+            num_inference_steps=20,
+            guidance_scale=5.0,
+            height=64,
+            width=64,
+            generator=torch.Generator().manual_seed(0),
+        ).images[0]
     green = evaluate.segment(np.asarray(image))["green"]
     for word in ("green", "triangle"):
         heat = tracer.result.heatmap(word, size=(64, 64))
@@ -172,6 +198,7 @@ def test_traced_generation_heatmaps_of_colour_and_shape_words_peak_on_the_object
 
 
 # -- training ---------------------------------------------------------------------------------------
+
 
 def test_quick_training_runs_end_to_end_and_saves_a_loadable_pipeline(tmp_path):
     train.main(["--quick", "--out", str(tmp_path), "--save-every", "2"])

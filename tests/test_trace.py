@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SIZE, make_pipe, seeded
 
 import sdviz
 from sdviz.attention import CrossAttentionRecorder
 from sdviz.generate import use_scheduler
-
-from conftest import SIZE, make_pipe, seeded
 
 PROMPT = "a red circle above a blue zebra"
 KW = dict(num_inference_steps=4, height=SIZE, width=SIZE, guidance_scale=7.5, output_type="np")
@@ -67,19 +66,19 @@ def test_recorded_probabilities_equal_an_explicit_softmax(sd1_pipe):
     red = ids.index(sd1_pipe.tokenizer.convert_tokens_to_ids("red</w>"))
     for step in range(run.num_steps):
         hidden, context = captured[step]
-        cond = hidden.shape[0] // 2                       # CFG batch is [unconditional, conditional]
-        q = attn.to_q(hidden[cond:cond + 1]).double()     # [1, hw, inner]
-        k = attn.to_k(context[cond:cond + 1]).double()    # [1, 77, inner]
+        cond = hidden.shape[0] // 2  # CFG batch is [unconditional, conditional]
+        q = attn.to_q(hidden[cond : cond + 1]).double()  # [1, hw, inner]
+        k = attn.to_k(context[cond : cond + 1]).double()  # [1, 77, inner]
         heads = attn.heads
         q = q.view(1, -1, heads, q.shape[-1] // heads).transpose(1, 2)
         k = k.view(1, -1, heads, k.shape[-1] // heads).transpose(1, 2)
-        probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)[0].mean(0)   # [hw, 77]
-        layer = next(l for l in run.layers if l.name == name)
+        probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)[0].mean(0)  # [hw, 77]
+        layer = next(layer for layer in run.layers if layer.name == name)
         expected = probs[:, red].reshape(layer.height, layer.width)
         got = run.heatmap("red", steps=step, layers=[name], size=(layer.height, layer.width))
         assert np.abs(got - expected.numpy()).max() <= 1e-5
         # the whole recorded map, every kept token
-        recorded = run.attention[name][step].double()                                   # [T, h, w]
+        recorded = run.attention[name][step].double()  # [T, h, w]
         full = probs[:, : recorded.shape[0]].T.reshape(recorded.shape)
         assert (recorded - full).abs().max() <= 1e-5
 
@@ -109,7 +108,7 @@ def test_heatmap_of_a_word_is_its_own_tokens_not_a_neighbours(sd1_pipe):
     words = [w.text for w in run.words]
     assert words == ["a", "red", "circle", "above", "a", "blue", "zebra"]
     zebra = next(w for w in run.words if w.text == "zebra")
-    assert len(zebra.tokens) > 1                          # not in the toy vocabulary: several BPE pieces
+    assert len(zebra.tokens) > 1  # not in the toy vocabulary: several BPE pieces
     assert run.token_indices("zebra") == list(zebra.tokens)
     total = sum(run.heatmap(i) for i in zebra.tokens)
     assert np.allclose(run.heatmap("zebra"), total, atol=1e-6)
@@ -169,7 +168,7 @@ def test_x0_is_the_schedulers_own_prediction(scheduler, sd1_pipe):
                     if scheduler in X0_FROM_STEP_OUTPUT:
                         own.append(out.pred_original_sample[0])
                     elif scheduler in ("DPM++ 2M", "UniPC"):
-                        own.append(sched.model_outputs[-1][0].clone())   # their converted output is x0
+                        own.append(sched.model_outputs[-1][0].clone())  # their converted output is x0
                     else:  # PNDM: from alphas_cumprod at this timestep
                         ab = sched.alphas_cumprod[int(timestep)]
                         own.append((sample[0] - (1 - ab).sqrt() * model_output[0]) / ab.sqrt())
@@ -183,7 +182,7 @@ def test_x0_is_the_schedulers_own_prediction(scheduler, sd1_pipe):
     plain = run(record=False)
     images, result = run(record=True)
     assert np.array_equal(plain, images)
-    assert result.info["scheduler"] == sdviz.SCHEDULERS[scheduler].__name__
+    assert result.info.scheduler == sdviz.SCHEDULERS[scheduler].__name__
     assert len(own) == result.num_steps
     for step, x0 in enumerate(own):
         assert torch.allclose(result.x0[step], x0.float(), atol=1e-5), (scheduler, step)
@@ -193,9 +192,10 @@ def test_v_prediction_x0_matches_dpm_solver(sd2v_pipe):
     assert sd2v_pipe.scheduler.config.prediction_type == "v_prediction"
     seen = []
     with use_scheduler(sd2v_pipe, "DPM++ 2M") as sched:
-        _, run = traced(sd2v_pipe, callback_on_step_end=lambda p, i, t, kw: seen.append(
-            sched.model_outputs[-1][0].clone()) or {})
-    assert run.info["prediction_type"] == "v_prediction"
+        _, run = traced(
+            sd2v_pipe, callback_on_step_end=lambda p, i, t, kw: seen.append(sched.model_outputs[-1][0].clone()) or {}
+        )
+    assert run.info.prediction_type == "v_prediction"
     for step, x0 in enumerate(seen):
         assert torch.allclose(run.x0[step], x0.float(), atol=1e-5)
 
@@ -237,30 +237,27 @@ def test_exception_mid_run_restores_the_pipeline(error, sd1_pipe):
         return {}
 
     tracer = sdviz.trace(sd1_pipe)
-    with pytest.raises(error):
-        with tracer:
-            run_pipe(sd1_pipe, callback_on_step_end=explode)
+    with pytest.raises(error), tracer:
+        run_pipe(sd1_pipe, callback_on_step_end=explode)
     assert snapshot(sd1_pipe) == before
     assert not any(isinstance(p, CrossAttentionRecorder) for p in sd1_pipe.unet.attn_processors.values())
-    assert tracer.result.num_steps == 2 and tracer.result.info["complete"] is False
+    assert tracer.result.num_steps == 2 and tracer.result.info.complete is False
     assert np.array_equal(run_pipe(sd1_pipe), fresh)
 
 
 def test_tracing_a_traced_pipeline_raises_and_leaves_the_first_trace_working(sd1_pipe):
     with sdviz.trace(sd1_pipe) as outer:
-        with pytest.raises(RuntimeError, match="already being traced"):
-            with sdviz.trace(sd1_pipe):
-                pass
+        with pytest.raises(RuntimeError, match="already being traced"), sdviz.trace(sd1_pipe):
+            pass
         run_pipe(sd1_pipe)
     assert outer.result.num_steps == 4
 
 
 def test_one_trace_records_one_generation(sd1_pipe):
     before = snapshot(sd1_pipe)
-    with pytest.raises(RuntimeError, match="one generation"):
-        with sdviz.trace(sd1_pipe):
-            run_pipe(sd1_pipe)
-            run_pipe(sd1_pipe)
+    with pytest.raises(RuntimeError, match="one generation"), sdviz.trace(sd1_pipe):
+        run_pipe(sd1_pipe)
+        run_pipe(sd1_pipe)
     assert snapshot(sd1_pipe) == before
 
 
@@ -290,7 +287,7 @@ def test_negative_branch_and_per_head_maps(sd1_pipe):
     run = tracer.result
     assert [w.text for w in run.negative_words] == ["blurry", "dog"]
     name = run.layers[0].name
-    assert run.attention[name].shape == (4, 8, len(run.tokens), 8, 8)        # [S, heads, T, h, w]
+    assert run.attention[name].shape == (4, 8, len(run.tokens), 8, 8)  # [S, heads, T, h, w]
     assert run.attention_negative[name].shape == (4, 8, len(run.negative_tokens), 8, 8)
     assert not np.allclose(run.heatmap("dog", negative=True), run.heatmap(2, negative=False))
     one_head = run.heatmap("red", heads=3)
@@ -309,12 +306,12 @@ def test_without_guidance_there_is_one_branch(sd1_pipe):
 
 def test_sdxl_and_sd2_layers_are_labelled(sdxl_pipe, sd2v_pipe):
     _, xl = traced(sdxl_pipe)
-    assert len(xl.layers) == 70                       # 1·2 + 2·2 (down) + 10 (mid) + 3·2 + 3·10 (up)… of SDXL
-    assert {l.block for l in xl.layers} == {"down", "mid", "up"}
-    assert {(l.height, l.width) for l in xl.layers} == {(4, 4), (2, 2)}
+    assert len(xl.layers) == 70  # 1·2 + 2·2 (down) + 10 (mid) + 3·2 + 3·10 (up)… of SDXL
+    assert {layer.block for layer in xl.layers} == {"down", "mid", "up"}
+    assert {(layer.height, layer.width) for layer in xl.layers} == {(4, 4), (2, 2)}
     _, sd2 = traced(sd2v_pipe)
     assert len(sd2.layers) == 16
-    assert sorted({l.height for l in sd2.layers}) == [1, 2, 4, 8]
+    assert sorted({layer.height for layer in sd2.layers}) == [1, 2, 4, 8]
     assert sd2.layers[0].heads == 2
 
 
@@ -322,11 +319,11 @@ def test_long_and_empty_prompts(sd1_pipe):
     long_prompt = " ".join(["red circle"] * 50)
     image, run = sdviz.generate(sd1_pipe, sdviz.Settings(long_prompt, steps=2, width=SIZE, height=SIZE))
     assert len(run.tokens) == 77 and run.tokens[-1].special
-    assert run.truncated == " ".join(["red circle"] * 50)[len(" ".join(["red circle"] * 37 + ["red"])) + 1:]
+    assert run.truncated == " ".join(["red circle"] * 50)[len(" ".join(["red circle"] * 37 + ["red"])) + 1 :]
     assert run.heatmap("circle").shape == (8, 8)
     image, empty = sdviz.generate(sd1_pipe, sdviz.Settings("", steps=2, width=SIZE, height=SIZE))
     assert empty.words == [] and [t.special for t in empty.tokens] == [True, True]
-    assert empty.heatmap(0).shape == (8, 8)             # <|startoftext|> is still recorded
+    assert empty.heatmap(0).shape == (8, 8)  # <|startoftext|> is still recorded
     with pytest.raises(KeyError, match="prompt was empty"):
         empty.heatmap("cat")
 
@@ -335,7 +332,7 @@ def test_result_is_plain_data_that_round_trips(sd1_pipe, tmp_path):
     _, run = traced(sd1_pipe, trace_kw=dict(negative=True))
     run.decode(2, sd1_pipe.vae)
     stack = [vars(run)]
-    while stack:                                        # no model, module or tokenizer inside
+    while stack:  # no model, module or tokenizer inside
         item = stack.pop()
         values = item.values() if isinstance(item, dict) else item if isinstance(item, (list, tuple)) else [item]
         for v in values:
@@ -362,5 +359,5 @@ def test_result_is_plain_data_that_round_trips(sd1_pipe, tmp_path):
 
 def test_loading_something_else_is_refused(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"not a file")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="not an sdviz trace"):
         sdviz.TraceResult.load(tmp_path / "x.safetensors")

@@ -1,9 +1,9 @@
 """Small view helpers of the app that need no server."""
 
+from conftest import SIZE
+
 import sdviz
 from sdviz.ui import views
-
-from conftest import SIZE
 
 
 def test_the_first_heatmap_is_the_strongest_content_word(sd1_pipe):

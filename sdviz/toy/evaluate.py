@@ -31,8 +31,15 @@ COLOUR_TOLERANCE = 60.0  # RGB distance; edge pixels blended with the background
 MIN_PIXELS = 12  # a colour counts as present from this many pixels (a small triangle has ~50)
 HEATMAP_THRESHOLD = 0.5  # on the min-max normalised heatmap
 NOISED_T = 501  # the first timestep of a 2-step DDIM schedule (SD's "leading" spacing + offset 1)
-TARGETS = {"vae_psnr_db": 30.0, "all_colours_present": 0.95, "no_extra_colour": 0.90,
-           "pointing_colour": 0.95, "pointing_shape": 0.95, "miou": 0.6, "seconds_per_image": 2.0}
+TARGETS = {
+    "vae_psnr_db": 30.0,
+    "all_colours_present": 0.95,
+    "no_extra_colour": 0.90,
+    "pointing_colour": 0.95,
+    "pointing_shape": 0.95,
+    "miou": 0.6,
+    "seconds_per_image": 2.0,
+}
 
 
 def segment(image: np.ndarray) -> dict[str, np.ndarray]:
@@ -60,7 +67,9 @@ def position_ok(mask: np.ndarray, position: str) -> bool:
     ys, xs = np.nonzero(mask)
     h, w = mask.shape
     cx, cy = xs.mean() / w, ys.mean() / h
-    return bool({"on the left": cx < 0.5, "on the right": cx > 0.5, "at the top": cy < 0.5, "at the bottom": cy > 0.5}[position])
+    return bool(
+        {"on the left": cx < 0.5, "on the right": cx > 0.5, "at the top": cy < 0.5, "at the bottom": cy > 0.5}[position]
+    )
 
 
 def localisation(run, caption: str, masks: list[np.ndarray | None], steps) -> list[dict]:
@@ -78,8 +87,9 @@ def localisation(run, caption: str, masks: list[np.ndarray | None], steps) -> li
             continue
         row = {"kind": "colour" if word in world.COLOURS else "shape"}
         for suffix, resolutions in (("", None), ("_finest", finest)):
-            heat = run.heatmap(run.token_indices(word)[k], steps=steps, size=mask.shape,
-                               resolutions=resolutions)  # [H, W]
+            heat = run.heatmap(
+                run.token_indices(word)[k], steps=steps, size=mask.shape, resolutions=resolutions
+            )  # [H, W]
             row["hit" + suffix], row["iou" + suffix], row["area" + suffix] = score_map(heat, mask)
         out.append(row)
     return out
@@ -106,8 +116,10 @@ def ideal_map_ceiling(pipe, scenes) -> dict:
     for scene in scenes:
         for mask in scene.masks:
             m = torch.from_numpy(mask).float()[None, None]  # [1, 1, H, W]
-            heat = sum(F.interpolate(F.adaptive_avg_pool2d(m, g), size=mask.shape, mode="bilinear",
-                                     align_corners=False)[0, 0] for g in grids)
+            heat = sum(
+                F.interpolate(F.adaptive_avg_pool2d(m, g), size=mask.shape, mode="bilinear", align_corners=False)[0, 0]
+                for g in grids
+            )
             hit, iou, _ = score_map((heat / len(grids)).numpy(), mask)
             hits.append(hit)
             ious.append(iou)
@@ -134,17 +146,31 @@ def evaluate_generated(pipe, captions, seeds, guidance: float, steps: int, size:
         asked = {o.colour for o in objects}
         for seed in seeds:
             with sdviz.trace(pipe) as tracer:
-                image = pipe(caption, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                             generator=torch.Generator().manual_seed(seed)).images[0]
+                image = pipe(
+                    caption,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    height=size,
+                    width=size,
+                    generator=torch.Generator().manual_seed(seed),
+                ).images[0]
             seg = segment(np.asarray(image))
             found = colours_present(seg)
             masks = [seg[o.colour] if o.colour in found else None for o in objects]
             shapes = [bool(classify_shape(m) == o.shape) for o, m in zip(objects, masks) if m is not None]
             places = [position_ok(m, o.position) for o, m in zip(objects, masks) if m is not None and o.position]
             unseen_set = any(set(colours) <= asked for colours in world.HELDOUT_COLOUR_SETS)
-            rows.append({"caption": caption, "seed": seed, "all_colours": asked <= found, "no_extra": found <= asked,
-                         "unseen_colour_set": unseen_set,
-                         "shapes": shapes, "positions": places})
+            rows.append(
+                {
+                    "caption": caption,
+                    "seed": seed,
+                    "all_colours": asked <= found,
+                    "no_extra": found <= asked,
+                    "unseen_colour_set": unseen_set,
+                    "shapes": shapes,
+                    "positions": places,
+                }
+            )
             loc += localisation(tracer.result, caption, masks, steps=None)
     return {
         "images": len(rows),
@@ -183,8 +209,15 @@ def evaluate_noised(pipe, scenes, seed: int = 0) -> dict:
         zt = pipe.scheduler.add_noise(z, torch.randn(z.shape, generator=gen), t)
         # A 2-step DDIM run starts at t=501 from our noised latents: step 0 is the UNet call we read.
         with sdviz.trace(pipe) as tracer:
-            pipe(scene.caption, num_inference_steps=2, guidance_scale=1.0, latents=zt,
-                 height=x.shape[-2], width=x.shape[-1], output_type="latent")
+            pipe(
+                scene.caption,
+                num_inference_steps=2,
+                guidance_scale=1.0,
+                latents=zt,
+                height=x.shape[-2],
+                width=x.shape[-1],
+                output_type="latent",
+            )
         assert int(pipe.scheduler.timesteps[0]) == NOISED_T, "scheduler no longer starts at NOISED_T"
         loc += localisation(tracer.result, scene.caption, list(scene.masks), steps=[0])
     return _loc_summary(loc)
@@ -196,14 +229,27 @@ def time_generation(pipe, guidance: float, steps: int, size: int, repeats: int =
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        pipe("a small blue square on the left and a yellow triangle", num_inference_steps=steps,
-             guidance_scale=guidance, height=size, width=size, generator=torch.Generator().manual_seed(0))
+        pipe(
+            "a small blue square on the left and a yellow triangle",
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+            generator=torch.Generator().manual_seed(0),
+        )
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def evaluate(pipe, n_captions: int = 48, seeds=(0, 1), n_scenes: int = 100, guidance: float = 5.0,
-             steps: int = 20, size: int = 64) -> dict:
+def evaluate(
+    pipe,
+    n_captions: int = 48,
+    seeds=(0, 1),
+    n_scenes: int = 100,
+    guidance: float = 5.0,
+    steps: int = 20,
+    size: int = 64,
+) -> dict:
     pipe.set_progress_bar_config(disable=True)
     heldout = world.sample_scenes(n_scenes, seed=4321, heldout=True, size=size)
     results = {
@@ -212,9 +258,18 @@ def evaluate(pipe, n_captions: int = 48, seeds=(0, 1), n_scenes: int = 100, guid
         "noised": evaluate_noised(pipe, heldout),
         "ceiling": ideal_map_ceiling(pipe, heldout),
         "seconds_per_image": time_generation(pipe, guidance, steps, size),
-        "settings": {"captions": n_captions, "seeds": list(seeds), "scenes": n_scenes, "guidance": guidance,
-                     "steps": steps, "size": size, "threads": torch.get_num_threads(), "noised_t": NOISED_T,
-                     "heatmap_threshold": HEATMAP_THRESHOLD, "scheduler": type(pipe.scheduler).__name__},
+        "settings": {
+            "captions": n_captions,
+            "seeds": list(seeds),
+            "scenes": n_scenes,
+            "guidance": guidance,
+            "steps": steps,
+            "size": size,
+            "threads": torch.get_num_threads(),
+            "noised_t": NOISED_T,
+            "heatmap_threshold": HEATMAP_THRESHOLD,
+            "scheduler": type(pipe.scheduler).__name__,
+        },
     }
     return results
 
@@ -228,11 +283,19 @@ def table(r: dict) -> str:
         ("generated: every requested colour present", g["all_colours_present"], "all_colours_present", "{:.1%}"),
         ("generated: no unrequested colour", g["no_extra_colour"], "no_extra_colour", "{:.1%}"),
         ("generated: every requested colour, 1-object captions", g["all_colours_present_one_object"], None, "{:.1%}"),
-        ("generated: every requested colour, 2–3-object captions", g["all_colours_present_several_objects"], None,
-         "{:.1%}"),
-        ("generated: every requested colour — captions with colours never seen together / the other held-out "
-         "captions", f"{g['all_colours_present_unseen_colour_set']:.1%} / {g['all_colours_present_other']:.1%}",
-         None, "{}"),
+        (
+            "generated: every requested colour, 2–3-object captions",
+            g["all_colours_present_several_objects"],
+            None,
+            "{:.1%}",
+        ),
+        (
+            "generated: every requested colour — captions with colours never seen together / the other held-out "
+            "captions",
+            f"{g['all_colours_present_unseen_colour_set']:.1%} / {g['all_colours_present_other']:.1%}",
+            None,
+            "{}",
+        ),
         ("generated: shape right (object found)", g["shape_correct"], None, "{:.1%}"),
         ("generated: position right (object found)", g["position_correct"], None, "{:.1%}"),
         ("generated: pointing game, colour words", g["pointing_colour"], "pointing_colour", "{:.1%}"),
@@ -241,16 +304,32 @@ def table(r: dict) -> str:
         (f"noised t={NOISED_T}: pointing game, colour words", n["pointing_colour"], "pointing_colour", "{:.1%}"),
         (f"noised t={NOISED_T}: pointing game, shape words", n["pointing_shape"], "pointing_shape", "{:.1%}"),
         (f"noised t={NOISED_T}: mIoU (map > 0.5)", n["miou"], "miou", "{:.2f}"),
-        ("area of map > 0.5 / object area, median — generated / noised (< 1: too peaked, > 1: too broad)",
-         f"{g['area_ratio']:.2f} / {n['area_ratio']:.2f}", None, "{}"),
-        (f"generated: pointing game, colour / shape words, {fine}",
-         f"{g['pointing_colour_finest']:.1%} / {g['pointing_shape_finest']:.1%}", None, "{}"),
+        (
+            "area of map > 0.5 / object area, median — generated / noised (< 1: too peaked, > 1: too broad)",
+            f"{g['area_ratio']:.2f} / {n['area_ratio']:.2f}",
+            None,
+            "{}",
+        ),
+        (
+            f"generated: pointing game, colour / shape words, {fine}",
+            f"{g['pointing_colour_finest']:.1%} / {g['pointing_shape_finest']:.1%}",
+            None,
+            "{}",
+        ),
         (f"generated: mIoU, {fine}", g["miou_finest"], None, "{:.2f}"),
-        (f"noised t={NOISED_T}: pointing game, colour / shape words, {fine}",
-         f"{n['pointing_colour_finest']:.1%} / {n['pointing_shape_finest']:.1%}", None, "{}"),
+        (
+            f"noised t={NOISED_T}: pointing game, colour / shape words, {fine}",
+            f"{n['pointing_colour_finest']:.1%} / {n['pointing_shape_finest']:.1%}",
+            None,
+            "{}",
+        ),
         (f"noised t={NOISED_T}: mIoU, {fine}", n["miou_finest"], None, "{:.2f}"),
-        ("ceiling: pointing game / mIoU of a perfect map (the mask) at these layers' resolutions",
-         f"{r['ceiling']['pointing']:.1%} / {r['ceiling']['miou']:.2f}", None, "{}"),
+        (
+            "ceiling: pointing game / mIoU of a perfect map (the mask) at these layers' resolutions",
+            f"{r['ceiling']['pointing']:.1%} / {r['ceiling']['miou']:.2f}",
+            None,
+            "{}",
+        ),
         ("seconds per 20-step image with guidance", r["seconds_per_image"], "seconds_per_image", "{:.2f}"),
     ]
     lines = ["| metric | value | target | met |", "|---|---|---|---|"]
@@ -263,15 +342,18 @@ def table(r: dict) -> str:
         sign = "≤" if key == "seconds_per_image" else "≥"
         lines.append(f"| {name} | {fmt.format(value)} | {sign} {fmt.format(target)} | {'yes' if met else 'no'} |")
     s = r["settings"]
-    lines.append(f"\n{g['images']} generated images ({s['captions']} held-out captions × seeds {s['seeds']}, "
-                 f"{s['steps']} {s['scheduler']} steps, guidance {s['guidance']}, {g['words']} words scored); "
-                 f"{s['scenes']} noised held-out scenes ({n['words']} words); {s['threads']} thread(s).")
+    lines.append(
+        f"\n{g['images']} generated images ({s['captions']} held-out captions × seeds {s['seeds']}, "
+        f"{s['steps']} {s['scheduler']} steps, guidance {s['guidance']}, {g['words']} words scored); "
+        f"{s['scenes']} noised held-out scenes ({n['words']} words); {s['threads']} thread(s)."
+    )
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m sdviz.toy.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m sdviz.toy.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default=None, help="pipeline folder (default: the shipped toy model)")
     p.add_argument("--json", type=Path, default=None, help="also write all figures (and per-image rows) here")
     p.add_argument("--captions", type=int, default=48, help="held-out captions to generate")
@@ -283,6 +365,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     if args.model:
         from diffusers import StableDiffusionPipeline
+
         pipe = StableDiffusionPipeline.from_pretrained(args.model)
     else:
         pipe = sdviz.load_pipeline("toy")

@@ -28,23 +28,38 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sdviz.preview import CONFIG_KEY as PREVIEW_KEY, fit_latent_rgb
+from sdviz.preview import CONFIG_KEY as PREVIEW_KEY
+from sdviz.preview import fit_latent_rgb
 from sdviz.random_models import build_tokenizer
 from sdviz.toy import world
 
 DEFAULT_OUT = Path(__file__).parent / "model"
 # Stable Diffusion 1.x's scheduler_config.json: the noise schedule the UNet is trained on.
-SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                   clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
-                   timestep_spacing="leading")
+SD_SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+)
 
 
 def build_vae(size: int) -> AutoencoderKL:
     # Three blocks = two downsamplings: f=4, so a 64×64 image becomes 4×16×16 latents (see the model card).
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=16, sample_size=size,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=size,
         # No attention in the mid block: the VAE is then purely convolutional, so it can train on crops.
         mid_block_add_attention=False,
     )
@@ -62,22 +77,36 @@ def world_tokenizer():
 
 
 def build_text_encoder(tokenizer, hidden: int) -> CLIPTextModel:
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, projection_dim=hidden,
-    ))
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=hidden,
+        )
+    )
 
 
 def build_unet(latent_size: int, channels: tuple[int, int], text_dim: int) -> UNet2DConditionModel:
     # Cross-attention at both resolutions (16² and 8²) and in the mid block.
     return UNet2DConditionModel(
-        sample_size=latent_size, in_channels=4, out_channels=4,
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=channels, layers_per_block=1, cross_attention_dim=text_dim,
-        attention_head_dim=4, norm_num_groups=16,
+        block_out_channels=channels,
+        layers_per_block=1,
+        cross_attention_dim=text_dim,
+        attention_head_dim=4,
+        norm_num_groups=16,
     )
 
 
@@ -128,7 +157,7 @@ def train_vae(vae, images: torch.Tensor, args, log) -> None:
         x = images[torch.randint(len(images), (args.vae_batch,), generator=gen)]  # [b, 3, H, W]
         if c < x.shape[-1]:
             i, j = (4 * torch.randint((x.shape[-1] - c) // 4 + 1, (2,), generator=gen)).tolist()
-            x = x[:, :, i:i + c, j:j + c]
+            x = x[:, :, i : i + c, j : j + c]
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=gen)).sample
         # L1 keeps edges sharp; a tiny KL keeps the latents a well-behaved Gaussian-ish space.
@@ -146,13 +175,14 @@ def train_vae(vae, images: torch.Tensor, args, log) -> None:
 @torch.no_grad()
 def encode_all(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Latent means of all images, unscaled. [N, 4, h, w]"""
-    return torch.cat([vae.encode(images[i:i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
+    return torch.cat([vae.encode(images[i : i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
 
 
 def token_targets(scenes, tokenizer, latent_size: int):
     """Token ids [N, 77], the object each token names [N, 77] (-1: none) and object masks [N, 3, h, w]."""
-    ids = tokenizer([s.caption for s in scenes], padding="max_length", max_length=77, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        [s.caption for s in scenes], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
     owner = torch.full((len(scenes), 77), -1, dtype=torch.long)
     masks = torch.zeros(len(scenes), 3, latent_size, latent_size)
     naming = set(world.COLOURS) | set(world.SHAPES) | set(world.SIZES)
@@ -161,7 +191,7 @@ def token_targets(scenes, tokenizer, latent_size: int):
             if word in naming:
                 owner[i, w + 1] = obj  # +1: <|startoftext|> comes first, then one token per word
         m = torch.from_numpy(s.masks).float()[:, None]  # [n, 1, H, W]
-        masks[i, :len(s.masks)] = F.adaptive_avg_pool2d(m, latent_size)[:, 0]
+        masks[i, : len(s.masks)] = F.adaptive_avg_pool2d(m, latent_size)[:, 0]
     return ids, owner, masks
 
 
@@ -243,9 +273,18 @@ def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkp
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - decay)
         if step % 50 == 0 or step == args.steps - 1:
-            log({"stage": "unet", "step": step, "loss": round(loss_mse.item(), 5), "attn": round(loss_attn.item(), 4),
-                 "cover": round(loss_cover.item(), 4)})
-            bar.set_postfix(loss=f"{loss_mse.item():.4f}", attn=f"{loss_attn.item():.3f}", cover=f"{loss_cover.item():.3f}")
+            log(
+                {
+                    "stage": "unet",
+                    "step": step,
+                    "loss": round(loss_mse.item(), 5),
+                    "attn": round(loss_attn.item(), 4),
+                    "cover": round(loss_cover.item(), 4),
+                }
+            )
+            bar.set_postfix(
+                loss=f"{loss_mse.item():.4f}", attn=f"{loss_attn.item():.3f}", cover=f"{loss_cover.item():.3f}"
+            )
         if checkpoint and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             snapshot = copy.deepcopy(ema_unet)
             snapshot.set_attn_processor(AttnProcessor2_0())
@@ -262,8 +301,13 @@ def preview_factors(vae, n: int = 256, seed: int = 0) -> list:
 
 def save(out: Path, vae, text_encoder, tokenizer, unet) -> None:
     pipe = StableDiffusionPipeline(
-        vae=vae.half(), text_encoder=text_encoder.half(), tokenizer=tokenizer, unet=unet.half(),
-        scheduler=DDIMScheduler(**SD_SCHEDULE), safety_checker=None, feature_extractor=None,
+        vae=vae.half(),
+        text_encoder=text_encoder.half(),
+        tokenizer=tokenizer,
+        unet=unet.half(),
+        scheduler=DDIMScheduler(**SD_SCHEDULE),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
@@ -276,36 +320,63 @@ def save(out: Path, vae, text_encoder, tokenizer, unet) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m sdviz.toy.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the diffusers pipeline (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        prog="python -m sdviz.toy.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="folder for the diffusers pipeline (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and sampling")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
-    p.add_argument("--quick", action="store_true", help="tiny data and a few steps of each stage: checks the code end to end")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny data and a few steps of each stage: checks the code end to end"
+    )
     p.add_argument("--size", type=int, default=64, help="image side in pixels (latents are size/4)")
     p.add_argument("--scenes", type=int, default=20000, help="training scenes rendered (and encoded once)")
     p.add_argument("--vae-steps", type=int, default=1900, help="VAE optimisation steps")
     p.add_argument("--vae-batch", type=int, default=32, help="VAE crops per batch")
     p.add_argument("--vae-crop", type=int, default=32, help="side of the random crops the VAE trains on")
-    p.add_argument("--vae-full-steps", type=int, default=400,
-                   help="the last VAE steps train on whole images (same batch size as the crops)")
+    p.add_argument(
+        "--vae-full-steps",
+        type=int,
+        default=400,
+        help="the last VAE steps train on whole images (same batch size as the crops)",
+    )
     p.add_argument("--vae-lr", type=float, default=2e-3, help="VAE peak learning rate (AdamW)")
     p.add_argument("--vae-kl", type=float, default=1e-6, help="KL weight of the VAE loss")
-    p.add_argument("--vae-from", type=Path, default=None, help="reuse the VAE of this pipeline folder, skipping stage 1")
-    p.add_argument("--unet-from", type=Path, default=None,
-                   help="start the text encoder and UNet from this pipeline folder instead of from scratch")
+    p.add_argument(
+        "--vae-from", type=Path, default=None, help="reuse the VAE of this pipeline folder, skipping stage 1"
+    )
+    p.add_argument(
+        "--unet-from",
+        type=Path,
+        default=None,
+        help="start the text encoder and UNet from this pipeline folder instead of from scratch",
+    )
     p.add_argument("--steps", type=int, default=2800, help="UNet + text encoder steps")
     p.add_argument("--batch", type=int, default=32, help="latents per UNet batch")
     p.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder peak learning rate (AdamW)")
     p.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps, then cosine to 10 %%")
     p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (for guidance)")
-    p.add_argument("--attn-loss", type=float, default=1.0,
-                   help="weight of the loss pulling object words' cross-attention into their masks (0: off)")
-    p.add_argument("--attn-cover", type=float, default=1.0,
-                   help="weight of the loss making each object word's map (divided by its peak) fill its mask (0: off)")
-    p.add_argument("--save-every", type=int, default=0,
-                   help="also save the EMA pipeline every N UNet steps, to OUT/checkpoints/step-N (0: only at the end)")
+    p.add_argument(
+        "--attn-loss",
+        type=float,
+        default=1.0,
+        help="weight of the loss pulling object words' cross-attention into their masks (0: off)",
+    )
+    p.add_argument(
+        "--attn-cover",
+        type=float,
+        default=1.0,
+        help="weight of the loss making each object word's map (divided by its peak) fill its mask (0: off)",
+    )
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        help="also save the EMA pipeline every N UNet steps, to OUT/checkpoints/step-N (0: only at the end)",
+    )
     p.add_argument("--channels", type=int, nargs=2, default=(32, 64), help="UNet block widths")
     p.add_argument("--text-dim", type=int, default=64, help="text encoder width = cross-attention width")
     args = p.parse_args(argv)
@@ -356,8 +427,11 @@ def main(argv=None) -> None:
 
     unet, text_encoder = train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkpoint)
     save(args.out, vae, text_encoder, tokenizer, unet)
-    summary = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "vae_seconds": round(vae_time), "total_seconds": round(time.time() - start)}
+    summary = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "vae_seconds": round(vae_time),
+        "total_seconds": round(time.time() - start),
+    }
     (args.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     log(summary)
     print(f"saved {args.out} in {summary['total_seconds']} s")

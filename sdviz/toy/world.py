@@ -43,10 +43,15 @@ VOCABULARY = {
     "joiner": ("a", "and"),
 }
 # Every word a caption can contain (position phrases split into words), for the tokenizer.
-WORDS = tuple(dict.fromkeys(
-    ["a", "and", "on", "the", "at"] + list(COLOURS) + list(SHAPES) + list(SIZES)
-    + [p.split()[-1] for p in POSITIONS]
-))
+WORDS = tuple(
+    dict.fromkeys(
+        ["a", "and", "on", "the", "at"]
+        + list(COLOURS)
+        + list(SHAPES)
+        + list(SIZES)
+        + [p.split()[-1] for p in POSITIONS]
+    )
+)
 
 # Held out of training: these colour+shape pairs anywhere, and any caption naming both colours.
 HELDOUT_PAIRS = (("green", "triangle"), ("yellow", "circle"))
@@ -57,7 +62,7 @@ HELDOUT_COLOUR_SETS = (frozenset({"red", "yellow"}),)
 class Obj:
     colour: str
     shape: str
-    size: str | None = None      # None: the caption does not say
+    size: str | None = None  # None: the caption does not say
     position: str | None = None  # one of POSITIONS or None
 
     def phrase(self) -> str:
@@ -109,8 +114,7 @@ def word_objects(caption: str) -> list[int | None]:
 
 def is_heldout(objects: list[Obj]) -> bool:
     colours = {o.colour for o in objects}
-    return (any((o.colour, o.shape) in HELDOUT_PAIRS for o in objects)
-            or any(s <= colours for s in HELDOUT_COLOUR_SETS))
+    return any((o.colour, o.shape) in HELDOUT_PAIRS for o in objects) or any(s <= colours for s in HELDOUT_COLOUR_SETS)
 
 
 def sample_objects(rng: random.Random, heldout: bool | None = False) -> list[Obj]:
@@ -119,10 +123,10 @@ def sample_objects(rng: random.Random, heldout: bool | None = False) -> list[Obj
         n = rng.choices((1, 2, 3), weights=(3, 4, 3))[0]
         colours = rng.sample(list(COLOURS), n)
         positions = rng.sample(POSITIONS, n)
-        objects = [Obj(c, rng.choice(SHAPES),
-                       rng.choice((None, *SIZES)),
-                       p if rng.random() < 0.6 else None)
-                   for c, p in zip(colours, positions)]
+        objects = [
+            Obj(c, rng.choice(SHAPES), rng.choice((None, *SIZES)), p if rng.random() < 0.6 else None)
+            for c, p in zip(colours, positions)
+        ]
         if heldout is None or is_heldout(objects) == heldout:
             return objects
 

@@ -35,17 +35,33 @@ def launch(demo, **kwargs):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Serve the sdviz explorer (Gradio).")
-    parser.add_argument("--model", action="append", default=[], metavar="NAME=SOURCE",
-                        help="offer another model: a local diffusers folder or a Hub id (repeatable; "
-                             "also SDVIZ_MODELS='name=source,…')")
-    parser.add_argument("--default-model", default=os.environ.get("SDVIZ_DEFAULT_MODEL"),
-                        help="model selected when the page opens (default: the built-in offline model)")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME"),
-                        help="address to listen on (default 127.0.0.1; 0.0.0.0 to serve the network)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT")
-                                                        or 7860))
-    parser.add_argument("--queue-size", type=int, default=int(os.environ.get("SDVIZ_QUEUE_SIZE") or 16),
-                        help="requests that may wait for the model before the page says the app is busy")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        help="offer another model: a local diffusers folder or a Hub id (repeatable; "
+        "also SDVIZ_MODELS='name=source,…')",
+    )
+    parser.add_argument(
+        "--default-model",
+        default=os.environ.get("SDVIZ_DEFAULT_MODEL"),
+        help="model selected when the page opens (default: the built-in offline model)",
+    )
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("GRADIO_SERVER_NAME"),
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 to serve the network)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860)
+    )
+    parser.add_argument(
+        "--queue-size",
+        type=int,
+        default=int(os.environ.get("SDVIZ_QUEUE_SIZE") or 16),
+        help="requests that may wait for the model before the page says the app is busy",
+    )
     return parser.parse_args(argv)
 
 

@@ -13,12 +13,13 @@ from PIL import Image
 
 from .. import compare, render
 from ..compare import MAX_VARIANTS, Variant
-from ..generate import SCHEDULERS, Settings
+from ..settings import SCHEDULERS, Settings
+from ..settings import whole_number as whole
 from ..tokens import tokens_from_ids
-from .inputs import parse_seed, whole
+from .inputs import parse_seed
 from .views import strongest_word
 
-CHANGED = "(changed words)"   # the word choice that shows each prompt's own changed word
+CHANGED = "(changed words)"  # the word choice that shows each prompt's own changed word
 DEFAULT_VALUES = {"guidance": "1, 3, 7.5, 15", "steps": "5, 10, 20, 40", "seed": "0, 1, 2, 3"}
 DEFAULT_SCHEDULERS = ["DDIM", "Euler", "DPM++ 2M", "UniPC"]
 
@@ -26,9 +27,10 @@ DEFAULT_SCHEDULERS = ["DDIM", "Euler", "DPM++ 2M", "UniPC"]
 @dataclass
 class Comparison:
     """One user's last finished comparison, kept in gr.State (deep-copied per session, never shared)."""
+
     variants: list[Variant]
-    vary: str                  # "guidance", "steps", "scheduler", "seed" or "prompt"
-    model: str                 # the model the variants ran on: its VAE decodes x0 exactly on request
+    vary: str  # "guidance", "steps", "scheduler", "seed" or "prompt"
+    model: str  # the model the variants ran on: its VAE decodes x0 exactly on request
 
     @property
     def longest(self) -> int:
@@ -37,8 +39,10 @@ class Comparison:
 
 def require(comparison: Comparison | None) -> Comparison:
     if comparison is None:
-        raise ValueError("Run a comparison first: this view re-draws your last comparison, and there is none yet. "
-                         "Pick what to vary and press “Run comparison”.")
+        raise ValueError(
+            "Run a comparison first: this view re-draws your last comparison, and there is none yet. "
+            "Pick what to vary and press “Run comparison”."
+        )
     return comparison
 
 
@@ -71,16 +75,19 @@ def _count(values: list, what: str, how: str):
     if not values:
         raise ValueError(f"no {what} to compare: {how}")
     if len(values) > MAX_VARIANTS:
-        raise ValueError(f"at most {MAX_VARIANTS} {what} can be compared side by side; got {len(values)}. "
-                         f"Remove {len(values) - MAX_VARIANTS}.")
+        raise ValueError(
+            f"at most {MAX_VARIANTS} {what} can be compared side by side; got {len(values)}. "
+            f"Remove {len(values) - MAX_VARIANTS}."
+        )
 
 
 def _number(item: str) -> float:
     try:
         return float(item)
     except ValueError:
-        raise ValueError(f"guidance values must be numbers separated by commas, e.g. {DEFAULT_VALUES['guidance']}; "
-                         f"got {item!r}") from None
+        raise ValueError(
+            f"guidance values must be numbers separated by commas, e.g. {DEFAULT_VALUES['guidance']}; got {item!r}"
+        ) from None
 
 
 def plan(mode: str, vary: str, values_text, schedulers, prompt_a: str, prompt_b: str, max_steps: int):
@@ -97,11 +104,14 @@ def check_pair(prompt_a: str, prompt_b: str):
     if not (prompt_a or "").strip():
         raise ValueError("type the first prompt in the Prompt box above, e.g. 'a red circle'")
     if not (prompt_b or "").strip():
-        raise ValueError(f"type a second prompt to compare with {prompt_a!r}, e.g. the same prompt with one "
-                         f"word changed")
+        raise ValueError(
+            f"type a second prompt to compare with {prompt_a!r}, e.g. the same prompt with one word changed"
+        )
     if compare.changed_words(prompt_a, prompt_b) == ([], []):
-        raise ValueError(f"the two prompts have the same words ({prompt_a!r}): change a word in the second one, "
-                         f"e.g. 'a red circle' and 'a blue circle'")
+        raise ValueError(
+            f"the two prompts have the same words ({prompt_a!r}): change a word in the second one, "
+            f"e.g. 'a red circle' and 'a blue circle'"
+        )
 
 
 def prompt_words(pipe, prompt: str) -> list[str]:
@@ -134,11 +144,18 @@ def check_plan(pipe, word: str | None, base: Settings, vary: str, values: list):
 
 def settings_label(base: Settings, vary: str) -> str:
     """What the variants share, for the caption under the figure."""
-    shared = {"prompt": f"“{base.prompt}”", "seed": f"seed {base.seed}", "steps": f"{base.steps} steps",
-              "guidance": f"guidance {base.guidance:g}", "scheduler": base.scheduler or "the model's scheduler"}
+    shared = {
+        "prompt": f"“{base.prompt}”",
+        "seed": f"seed {base.seed}",
+        "steps": f"{base.steps} steps",
+        "guidance": f"guidance {base.guidance:g}",
+        "scheduler": base.scheduler or "the model's scheduler",
+    }
     shared.pop(vary, None)
-    return ("**Below, one column per variant:** final image, x0 at the shared step, the word's heatmap "
-            "(one colour scale). Same " + ", ".join(shared.values()))
+    return (
+        "**Below, one column per variant:** final image, x0 at the shared step, the word's heatmap "
+        "(one colour scale). Same " + ", ".join(shared.values())
+    )
 
 
 # -- what the tab shows -------------------------------------------------------------------------------
@@ -146,8 +163,11 @@ def word_choices(comparison: Comparison) -> list[tuple[str, str]]:
     """The words the heatmap row can show: (label, value) for a gr.Dropdown."""
     variants = comparison.variants
     if comparison.vary == "prompt":
-        common = [w.text for w in variants[0].run.words
-                  if all(w.text.lower() in {x.text.lower() for x in v.run.words} for v in variants[1:])]
+        common = [
+            w.text
+            for w in variants[0].run.words
+            if all(w.text.lower() in {x.text.lower() for x in v.run.words} for v in variants[1:])
+        ]
         changed = " / ".join(v.word or "—" for v in variants)
         return [(f"changed words: {changed}", CHANGED)] + [(w, w) for w in dict.fromkeys(common)]
     return [(w, w) for w in dict.fromkeys(w.text for w in variants[0].run.words)]
@@ -169,8 +189,11 @@ def figure(comparison: Comparison, word: str | None, step, vae=None) -> Image.Im
     if not word or word == CHANGED:
         word = None if comparison.vary == "prompt" else default_word(comparison)
     elif comparison.vary == "prompt":
-        check_word(word, [v.settings.prompt for v in comparison.variants],
-                   [[w.text for w in v.run.words] for v in comparison.variants])
+        check_word(
+            word,
+            [v.settings.prompt for v in comparison.variants],
+            [[w.text for w in v.run.words] for v in comparison.variants],
+        )
     fig = compare.compare_figure(comparison.variants, word=word, step=step - 1, vae=vae)
     return render.to_image(fig)
 

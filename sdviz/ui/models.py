@@ -13,14 +13,15 @@ import threading
 from ..loading import PRESETS, TOY_MODEL_DIR, Preset, load_pipeline, pick_device
 
 RANDOM = "tiny-random"
-RANDOM_PRESET = Preset("random:sd1", "Tiny SD 1.x with random weights (demo only: images are noise)", 10, 7.5, 64,
-                       "DDIM", 50)
+RANDOM_PRESET = Preset(
+    "random:sd1", "Tiny SD 1.x with random weights (demo only: images are noise)", 10, 7.5, 64, "DDIM", 50
+)
 # Defaults for operator-added models, whose family we don't know: SD 1.x/2.x-like settings.
 CUSTOM_DEFAULTS = dict(steps=25, guidance=7.5, size=512, scheduler="DPM++ 2M")
 
 
 def offline_default() -> str:
-    """"toy" once the built-in model is installed; until then the tiny random-weight pipeline."""
+    """ "toy" once the built-in model is installed; until then the tiny random-weight pipeline."""
     return "toy" if (TOY_MODEL_DIR / "model_index.json").is_file() else RANDOM
 
 
@@ -73,8 +74,10 @@ class Models:
 
     def preset(self, name: str) -> Preset:
         if name not in self.choices:
-            raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(self.choices)} "
-                             f"(the operator can add others with SDVIZ_MODELS)")
+            raise ValueError(
+                f"unknown model {name!r}; choose one of: {', '.join(self.choices)} "
+                f"(the operator can add others with SDVIZ_MODELS)"
+            )
         return self.choices[name]
 
     def label(self, name: str) -> str:

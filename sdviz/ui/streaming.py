@@ -25,16 +25,16 @@ from ..preview import latent_rgb_factors, latent_to_rgb
 from ..result import TraceResult
 from .models import Models
 
-PREVIEW_WIDTH = 192    # pixels; the browser scales it up, the encode stays cheap
+PREVIEW_WIDTH = 192  # pixels; the browser scales it up, the encode stays cheap
 _FINISHED = object()
 
 
 @dataclass
 class Tick:
-    step: int               # steps done so far (0 while loading / encoding the prompt)
+    step: int  # steps done so far (0 while loading / encoding the prompt)
     total: int
-    elapsed: float          # seconds since the request started
-    preview: Image.Image | None = None   # fast preview of this step's predicted x0, when due
+    elapsed: float  # seconds since the request started
+    preview: Image.Image | None = None  # fast preview of this step's predicted x0, when due
     message: str = ""
 
 
@@ -43,7 +43,7 @@ class Done:
     image: Image.Image
     run: TraceResult
     elapsed: float
-    text_dim: int | None    # width of the text encoder's token vectors
+    text_dim: int | None  # width of the text encoder's token vectors
 
 
 def live_preview(latent: torch.Tensor, factors: torch.Tensor) -> Image.Image:
@@ -114,16 +114,23 @@ def _text_dim(pipe) -> int | None:
     return getattr(getattr(encoder, "config", None), "hidden_size", None)
 
 
-def generate_streaming(models: Models, model: str, settings: Settings, per_head: bool = False,
-                       previews_per_s: float = 5.0, heartbeat_s: float = 0.5):
+def generate_streaming(
+    models: Models,
+    model: str,
+    settings: Settings,
+    per_head: bool = False,
+    previews_per_s: float = 5.0,
+    heartbeat_s: float = 0.5,
+):
     """Yield Tick… then Done. Errors of the run (ModelUnavailableError, pipeline faults) are re-raised here."""
     start = time.perf_counter()
     yield Tick(0, settings.steps, 0.0, message=f"Loading {models.label(model)}…")
-    factors = latent_rgb_factors(models.pipeline(model))   # [C + 1, 3]; cheap for SD's VAEs, one fit otherwise
+    factors = latent_rgb_factors(models.pipeline(model))  # [C + 1, 3]; cheap for SD's VAEs, one fit otherwise
 
     def job(pipe, report):
         def on_step(index: int, total: int, x0: torch.Tensor):
-            report((index + 1, total, x0[0].detach().float().cpu().clone()))   # x0 of this step, [C, h, w]
+            report((index + 1, total, x0[0].detach().float().cpu().clone()))  # x0 of this step, [C, h, w]
+
         return generate(pipe, settings, on_step=on_step, per_head=per_head), _text_dim(pipe)
 
     done, total, last_preview = 0, settings.steps, 0.0
@@ -145,7 +152,7 @@ def generate_streaming(models: Models, model: str, settings: Settings, per_head:
 @dataclass
 class VariantDone:
     variant: Variant
-    index: int              # 0-based, in the order the variants run
+    index: int  # 0-based, in the order the variants run
     count: int
 
 
@@ -155,8 +162,15 @@ class Compared:
     elapsed: float
 
 
-def compare_streaming(models: Models, model: str, base: Settings, vary: str, values: list,
-                      previews_per_s: float = 5.0, heartbeat_s: float = 0.5):
+def compare_streaming(
+    models: Models,
+    model: str,
+    base: Settings,
+    vary: str,
+    values: list,
+    previews_per_s: float = 5.0,
+    heartbeat_s: float = 0.5,
+):
     """Yield Tick / VariantDone… then Compared for `base` run once per value of `vary`, one after another.
 
     vary: one of `sdviz.compare.VARY`, or "prompt" for a prompt pair (`values` = the two prompts).
@@ -168,7 +182,8 @@ def compare_streaming(models: Models, model: str, base: Settings, vary: str, val
 
     def job(pipe, report):
         def on_step(variant: int, index: int, total: int, x0: torch.Tensor):
-            report((variant, index + 1, total, x0[0].detach().float().cpu().clone()))   # [C, h, w]
+            report((variant, index + 1, total, x0[0].detach().float().cpu().clone()))  # [C, h, w]
+
         if vary == "prompt":
             return compare.run_prompt_pair(pipe, base, *values, on_step=on_step)
         variants = []

@@ -46,8 +46,10 @@ HOW = """### From prompt to pixels
 
 ### The shapes in your last run"""
 
-BUSY = ("One image is generated at a time. If the queue is full, the page says the app is busy: "
-        "wait a minute and press Generate again.")
+BUSY = (
+    "One image is generated at a time. If the queue is full, the page says the app is busy: "
+    "wait a minute and press Generate again."
+)
 
 CSS = """
 .sdviz-progress {position: relative; height: 26px; border-radius: 6px; background: var(--neutral-200);
@@ -69,6 +71,7 @@ def progress_html(step: int, total: int, elapsed: float, message: str = "") -> s
     share = 0 if total <= 0 else min(100, round(100 * step / total))
     text = message or f"Step {step} / {total} · {elapsed:.1f} s"
     return f'<div class="sdviz-progress"><div class="bar" style="width:{share}%"></div><span>{text}</span></div>'
+
 
 COMPARE = """**Compare.** Runs the prompt, model and settings of the form above several times, changing one
 thing: the guidance scale, the number of steps, the scheduler or the seed (up to four values) — or a second

@@ -15,29 +15,31 @@ import numpy as np
 from PIL import Image
 
 from .. import render, report
-from ..generate import Settings
 from ..result import TraceResult
+from ..settings import Settings
 
-ASK_RADIUS = 0.08     # half-width of the box around a click, as a fraction of the image
-ASK_MIN_SIDE = 320    # the clickable image is enlarged server-side: the browser maps clicks in natural pixels
+ASK_RADIUS = 0.08  # half-width of the box around a click, as a fraction of the image
+ASK_MIN_SIDE = 320  # the clickable image is enlarged server-side: the browser maps clicks in natural pixels
 
 
 @dataclass
 class Session:
     """One user's last successful run, kept in gr.State (deep-copied per session, never shared)."""
+
     run: TraceResult
-    image: np.ndarray          # uint8 [H, W, 3] the final image
+    image: np.ndarray  # uint8 [H, W, 3] the final image
     model: str
     seed: int
-    text_dim: int | None       # width of the text encoder's token vectors (768 for SD 1.x)
+    text_dim: int | None  # width of the text encoder's token vectors (768 for SD 1.x)
     elapsed: float
     settings: Settings
-    label: str                 # the model as the page names it
+    label: str  # the model as the page names it
 
 
 @dataclass
 class Filters:
     """Which part of the trace a heatmap averages: steps [start, stop), U-Net blocks, resolutions, layers, heads."""
+
     steps: tuple[int, int] | None = None
     blocks: list[str] | None = None
     resolutions: list[int] | None = None
@@ -45,14 +47,17 @@ class Filters:
     heads: int | None = None
 
     def kwargs(self) -> dict:
-        return dict(steps=self.steps, blocks=self.blocks, resolutions=self.resolutions, layers=self.layers,
-                    heads=self.heads)
+        return dict(
+            steps=self.steps, blocks=self.blocks, resolutions=self.resolutions, layers=self.layers, heads=self.heads
+        )
 
 
 def require(session: Session | None) -> Session:
     if session is None:
-        raise ValueError("Generate an image first: this panel shows the trace of your last run, and there is none yet. "
-                         "Type a prompt and press Generate.")
+        raise ValueError(
+            "Generate an image first: this panel shows the trace of your last run, and there is none yet. "
+            "Type a prompt and press Generate."
+        )
     return session
 
 
@@ -61,8 +66,9 @@ def filters_from_form(run: TraceResult, step_from, step_to, blocks, resolutions,
     n = run.num_steps
     first, last = int(step_from or 1), int(step_to or n)
     if not 1 <= first <= last <= n:
-        raise ValueError(f"the step range must run forwards within 1–{n}; got {first}–{last}. "
-                         f"Move “from step” below “to step”.")
+        raise ValueError(
+            f"the step range must run forwards within 1–{n}; got {first}–{last}. Move “from step” below “to step”."
+        )
     all_blocks = {layer.block for layer in run.layers}
     return Filters(
         steps=None if (first, last) == (1, n) else (first - 1, last),
@@ -87,13 +93,17 @@ def model_note(preset) -> str:
     from ..toy.world import VOCABULARY
 
     words = " · ".join(f"*{kind}*: " + ", ".join(values) for kind, values in VOCABULARY.items() if kind != "joiner")
-    return ("**Built-in shapes-world model** — a tiny Stable Diffusion trained here on flat shapes. It knows: "
-            f"{words}. Write objects as *a [size] colour shape [position]*, up to three joined by *and*, "
-            "e.g. *a small blue square on the left and a yellow triangle*.")
+    return (
+        "**Built-in shapes-world model** — a tiny Stable Diffusion trained here on flat shapes. It knows: "
+        f"{words}. Write objects as *a [size] colour shape [position]*, up to three joined by *and*, "
+        "e.g. *a small blue square on the left and a yellow triangle*."
+    )
 
 
 # Words whose maps rarely say anything on their own; skipped when choosing the first heatmap.
-FUNCTION_WORDS = frozenset("a an the and of on in at to with above below under over , .".split())
+FUNCTION_WORDS = frozenset(
+    ["a", "an", "the", "and", "of", "on", "in", "at", "to", "with", "above", "below", "under", "over", ",", "."]
+)
 
 
 def strongest_word(run: TraceResult) -> str | None:
@@ -124,23 +134,31 @@ def token_chips(run: TraceResult) -> list[tuple[str, str]]:
 def run_notes(session: Session) -> str:
     run = session.run
     h, w = run.image_size
-    lines = [f"**Seed {session.seed}** · {session.label} · {run.info['scheduler']} · {run.num_steps} steps recorded · "
-             f"guidance {run.info['guidance_scale']:g} · {w}×{h} px · {session.elapsed:.1f} s"]
+    lines = [
+        f"**Seed {session.seed}** · {session.label} · {run.info.scheduler} · {run.num_steps} steps recorded · "
+        f"guidance {run.info.guidance_scale:g} · {w}×{h} px · {session.elapsed:.1f} s"
+    ]
     if not run.words:
         lines.append("Empty prompt: this image was generated unconditionally, so there are no words to map.")
     if run.truncated:
-        lines.append(f"The prompt is longer than the text encoder's 77-token window; this part was **cut** and "
-                     f"never reached the model: “{run.truncated}”")
+        lines.append(
+            f"The prompt is longer than the text encoder's 77-token window; this part was **cut** and "
+            f"never reached the model: “{run.truncated}”"
+        )
     return "\n\n".join(lines)
 
 
-def heatmap(session: Session, word: str, negative: bool, filters: Filters, opacity: float, cmap: str,
-            step: int | None = None) -> Image.Image:
+def heatmap(
+    session: Session, word: str, negative: bool, filters: Filters, opacity: float, cmap: str, step: int | None = None
+) -> Image.Image:
     """The word's attention over the final image; `step` (0-based) narrows it to one step."""
     run = session.run
     if not word:
-        raise ValueError("pick a word first (the chips under “Words”)" if words_of(run, negative) else
-                         "this prompt has no words to map: type a prompt and generate again")
+        raise ValueError(
+            "pick a word first (the chips under “Words”)"
+            if words_of(run, negative)
+            else "this prompt has no words to map: type a prompt and generate again"
+        )
     kwargs = filters.kwargs()
     if step is not None:
         kwargs["steps"] = step
@@ -151,8 +169,16 @@ def heatmap(session: Session, word: str, negative: bool, filters: Filters, opaci
 def word_grid(session: Session, negative: bool, filters: Filters, opacity: float, cmap: str) -> Image.Image | None:
     if not words_of(session.run, negative):
         return None
-    fig = render.word_grid(session.run, session.image, words=words_of(session.run, negative), cmap=cmap,
-                           alpha=float(opacity), negative=negative, size="image", **filters.kwargs())
+    fig = render.word_grid(
+        session.run,
+        session.image,
+        words=words_of(session.run, negative),
+        cmap=cmap,
+        alpha=float(opacity),
+        negative=negative,
+        size="image",
+        **filters.kwargs(),
+    )
     return render.to_image(fig)
 
 
@@ -205,10 +231,12 @@ def step_panels(session: Session, step: int) -> dict:
 
 def step_caption(run: TraceResult, i: int) -> str:
     sigma, alpha_bar = float(run.sigmas[i]), float(run.alpha_bars[i])
-    return (f"**Step {i + 1} of {run.num_steps}** · timestep t = {float(run.timesteps[i]):.0f} · "
-            f"noise σ = {sigma:.3f} · signal ᾱ = {alpha_bar:.3f} "
-            f"(x_t ≈ √ᾱ·x0 + √(1−ᾱ)·noise: {100 * alpha_bar ** 0.5 / (alpha_bar ** 0.5 + (1 - alpha_bar) ** 0.5):.0f}% "
-            f"signal by amplitude)")
+    return (
+        f"**Step {i + 1} of {run.num_steps}** · timestep t = {float(run.timesteps[i]):.0f} · "
+        f"noise σ = {sigma:.3f} · signal ᾱ = {alpha_bar:.3f} "
+        f"(x_t ≈ √ᾱ·x0 + √(1−ᾱ)·noise: {100 * alpha_bar**0.5 / (alpha_bar**0.5 + (1 - alpha_bar) ** 0.5):.0f}% "
+        f"signal by amplitude)"
+    )
 
 
 def shapes(session: Session | None) -> str:
@@ -217,7 +245,7 @@ def shapes(session: Session | None) -> str:
         return "_Generate an image to see the shapes of its tensors here._"
     run = session.run
     c, (h, w), (H, W) = int(run.latents.shape[1]), run.latent_size, run.image_size
-    batch = 2 if run.info["guidance_scale"] > 1 else 1
+    batch = 2 if run.info.guidance_scale > 1 else 1
     halves = " (two halves: with and without the prompt)" if batch == 2 else ""
     sides = sorted({f"{layer.height}×{layer.width}" for layer in run.layers}, key=lambda s: -int(s.split("×")[0]))
     rows = [
@@ -225,13 +253,18 @@ def shapes(session: Session | None) -> str:
         ("text encoder", "one vector per token", f"[1, 77, {session.text_dim or 'd'}]"),
         ("U-Net input", f"noisy latent x_t{halves}", f"[{batch}, {c}, {h}, {w}]"),
         ("U-Net output", "predicted noise ε", f"[{batch}, {c}, {h}, {w}]"),
-        ("cross-attention", "each latent pixel's weights over the 77 tokens",
-         f"{len(run.layers)} layers at {', '.join(sides)} pixels × 77 tokens"),
+        (
+            "cross-attention",
+            "each latent pixel's weights over the 77 tokens",
+            f"{len(run.layers)} layers at {', '.join(sides)} pixels × 77 tokens",
+        ),
         ("scheduler", f"x_t → x_(t−1), {run.num_steps} times", f"[1, {c}, {h}, {w}]"),
         ("VAE decoder", f"latent → pixels, ×{H // max(h, 1)} per side", f"[1, {c}, {h}, {w}] → [1, 3, {H}, {W}]"),
     ]
-    return "\n".join(["| stage | tensor | shape in your last run |", "|---|---|---|"]
-                     + [f"| {a} | {b} | {c_} |" for a, b, c_ in rows])
+    return "\n".join(
+        ["| stage | tensor | shape in your last run |", "|---|---|---|"]
+        + [f"| {a} | {b} | {c_} |" for a, b, c_ in rows]
+    )
 
 
 def downloads(session: Session, heat: Image.Image | None) -> list[str]:
