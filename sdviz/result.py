@@ -135,8 +135,17 @@ class TraceResult:
     decoded: dict[str, np.ndarray] = field(default_factory=dict)
 
     # Tensor fields saved as they are, and dicts of tensors saved as "<field>/<key>".
-    TENSORS = ("latents", "model_outputs", "x0", "final_latent", "timesteps", "sigmas", "alpha_bars",
-               "schedule_timesteps", "schedule_sigmas")  # fmt: skip
+    TENSORS = (
+        "latents",
+        "model_outputs",
+        "x0",
+        "final_latent",
+        "timesteps",
+        "sigmas",
+        "alpha_bars",
+        "schedule_timesteps",
+        "schedule_sigmas",
+    )
     TENSOR_DICTS = ("attention", "attention_negative")
 
     # -- sizes ----------------------------------------------------------------------------------
@@ -245,8 +254,9 @@ class TraceResult:
             return size, size
         return int(size[0]), int(size[1])
 
-    def layer_maps(self, steps=None, layers=None, blocks=None, resolutions=None, heads=None,
-                   negative: bool = False) -> list[tuple[LayerInfo, torch.Tensor]]:  # fmt: skip
+    def layer_maps(
+        self, steps=None, layers=None, blocks=None, resolutions=None, heads=None, negative: bool = False
+    ) -> list[tuple[LayerInfo, torch.Tensor]]:
         """The selected layers' maps, float32 [s, T, h_l, w_l] each: the chosen steps, heads averaged.
 
         The one place the filters are applied; heatmaps, word shares and region scores all read it.
@@ -267,8 +277,10 @@ class TraceResult:
                     picked = [int(heads)] if isinstance(heads, (int, np.integer)) else [int(h) for h in heads]
                     bad = [h for h in picked if not 0 <= h < m.shape[1]]
                     if bad or not picked:
-                        raise IndexError(f"head {bad[0] if bad else '(none)'} does not exist: this layer has heads "
-                                         f"0–{m.shape[1] - 1}")  # fmt: skip
+                        raise IndexError(
+                            f"head {bad[0] if bad else '(none)'} does not exist: this layer has heads "
+                            f"0–{m.shape[1] - 1}"
+                        )
                     m = m[:, picked]
                 m = m.mean(1)
             elif heads is not None:
@@ -313,8 +325,9 @@ class TraceResult:
             out = out / out.max()
         return out
 
-    def word_shares(self, steps=None, layers=None, blocks=None, resolutions=None, heads=None,
-                    negative: bool = False) -> np.ndarray:  # fmt: skip
+    def word_shares(
+        self, steps=None, layers=None, blocks=None, resolutions=None, heads=None, negative: bool = False
+    ) -> np.ndarray:
         """Each word's share of the attention given to words, per step: float32 [S, n_words].
 
         Per step: the mean over the selected layers of each word's attention mass averaged over
@@ -351,8 +364,9 @@ class TraceResult:
             raise ValueError("the region is empty: click inside the image or drag a larger box")
         return mask.numpy()
 
-    def region_scores(self, region, steps=None, layers=None, blocks=None, resolutions=None, heads=None,
-                      negative: bool = False) -> dict[str, float]:  # fmt: skip
+    def region_scores(
+        self, region, steps=None, layers=None, blocks=None, resolutions=None, heads=None, negative: bool = False
+    ) -> dict[str, float]:
         """How much attention a region of the image paid to each word: {word: mean probability}.
 
         `region`: see `region_mask`. Each word's score is its latent-size `heatmap` averaged over the

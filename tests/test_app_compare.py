@@ -10,28 +10,29 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from test_app_api import assert_pipeline_restored, form, generate, pixels
 
-from sdviz.ui.compare_view import CHANGED
+from sdviz.ui.panels.compare import CHANGED
 
 STEPS = 3
 PROMPT = "a red circle on the left"
 OUTPUTS = ["progress", "live", "gallery", "figure", "word", "step", "notes"]
 
 
-def compare_inputs(
-    server, mode="vary", vary="guidance", values="1, 7.5", schedulers=(), prompt_b="", word="", exact=False, **change
-):
-    """The /compare inputs, in order: the Compare tab's controls, then the main form (test defaults)."""
-    main = form(server, change.pop("prompt", PROMPT), **{"steps": STEPS, **change})[:-1]  # no per-head option
-    return [mode, vary, values, list(schedulers), prompt_b, word, exact, *main]
+def compare_inputs(server, mode="vary", vary="guidance", values="1, 7.5", schedulers=(), prompt_b="", word="",
+                   exact=False, **change) -> dict:  # fmt: skip
+    """The /compare inputs by name: the Compare tab's controls, then the main form (test defaults)."""
+    main = form(server, change.pop("prompt", PROMPT), **{"steps": STEPS, **change})
+    main.pop("keep_heads")
+    return dict(mode=mode, vary=vary, values=values, schedulers=list(schedulers), second_prompt=prompt_b, word=word,
+                exact_decode=exact, **main)  # fmt: skip
 
 
 def run_compare(client, server, **kw):
     """→ dict of the /compare outputs by name."""
-    return dict(zip(OUTPUTS, client.predict(*compare_inputs(server, **kw), api_name="/compare")))
+    return dict(zip(OUTPUTS, client.predict(**compare_inputs(server, **kw), api_name="/compare")))
 
 
 def view(client, word, step, exact=False):
-    return pixels(client.predict(word, step, exact, api_name="/compare_view"))
+    return pixels(client.predict(word=word, step=step, exact_decode=exact, api_name="/compare_view"))
 
 
 def variant_images(out) -> list[np.ndarray]:
@@ -54,7 +55,7 @@ def reference(app_server):
 
 # -- varying one setting ------------------------------------------------------------------------------
 def test_guidance_comparison_streams_and_gives_one_different_image_per_value(client, app_server):
-    job = client.submit(*compare_inputs(app_server, values="1, 7.5"), api_name="/compare")
+    job = client.submit(**compare_inputs(app_server, values="1, 7.5"), api_name="/compare")
     out = dict(zip(OUTPUTS, job.result()))
     assert captions(out) == ["guidance 1", "guidance 7.5"]
     first, second = variant_images(out)
@@ -138,10 +139,10 @@ def test_exact_decode_redraws_x0_with_the_vae_and_never_the_unet(client, app_ser
     "change, message",
     [
         (dict(values="1, 2, 3, 4, 5"), "at most 4 guidance values.*Remove 1"),
-        (dict(values="1, strong"), "numbers separated by commas.*'strong'"),
+        (dict(values="1, strong"), "must be a number.*'strong'.*separated by commas"),
         (dict(values=" , "), "no guidance values"),
         (dict(values="1, 60"), "between 0 and 50"),
-        (dict(vary="steps", values="2, 1000"), "steps must be whole numbers from 1 to"),
+        (dict(vary="steps", values="2, 1000"), "steps must be a whole number from 1 to"),
         (dict(vary="steps", values="2, 2.5"), "whole number"),
         (dict(vary="seed", values="1, x"), "seed must be a whole number"),
         (dict(vary="scheduler", schedulers=[]), "tick 2 to 4 schedulers"),
@@ -170,7 +171,7 @@ def test_redrawing_before_any_comparison_says_run_one_first(client):
 def test_cancelled_comparison_leaves_the_next_single_run_identical_to_a_fresh_one(client, app_server, reference):
     cap = app_server.models.preset(app_server.name).max_steps
     calls = len(app_server.unet_calls)
-    job = client.submit(*compare_inputs(app_server, values="3, 7.5, 15", steps=cap), api_name="/compare")
+    job = client.submit(**compare_inputs(app_server, values="3, 7.5, 15", steps=cap), api_name="/compare")
     deadline = time.monotonic() + 60
     while len(app_server.unet_calls) < calls + cap + 3 and time.monotonic() < deadline:  # inside variant 2
         time.sleep(0.05)

@@ -58,9 +58,7 @@ def test_the_colour_fit_recovers_a_linear_vae():
         z = torch.einsum("cr,nrhw->nchw", mix, pooled) + 0.1
         return SimpleNamespace(latent_dist=SimpleNamespace(mean=z / 0.5))
 
-    vae = SimpleNamespace(
-        encode=encode, parameters=lambda: iter([torch.zeros(1)]), config={"scaling_factor": 0.5}
-    )
+    vae = SimpleNamespace(encode=encode, parameters=lambda: iter([torch.zeros(1)]), config={"scaling_factor": 0.5})
     factors = fit_latent_rgb(vae)
     rgb = torch.rand(5, 5, 3) * 2 - 1
     latent = torch.einsum("cr,hwr->chw", mix, rgb) + 0.1

@@ -4,8 +4,9 @@
     demo = build_app(Models(default_choices()))
     launch(demo)
 
-Modules: models (which pipelines, loaded lazily), inputs (form → checked Settings), streaming
-(generation in a worker thread, streamed), views (what each panel shows), layout (the Blocks), texts.
+Modules: layout (composes the panels), panels/ (one module per panel), wiring (what panels share,
+and `handler`), session (one user's last run), models (which pipelines, loaded lazily), inputs (form →
+checked Settings), streaming (generation in a worker thread, streamed), texts (header, CSS).
 """
 
 from __future__ import annotations
