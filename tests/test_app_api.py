@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import threading
 import time
 from pathlib import Path
@@ -349,3 +350,28 @@ def test_live_previews_cost_at_most_5_percent_of_a_run(app_server):
         live_preview(latent, factors).save(io.BytesIO(), "webp")
     preview_s = (time.perf_counter() - start) / 20
     assert preview_s * rate < 0.05, preview_s
+
+
+# -- the HTTP API speaks the page's words ---------------------------------------------------------------
+VIEW_NAMES = ["negative", "opacity", "colormap", "from_step", "to_step", "blocks", "resolutions", "layers", "head"]
+API = {
+    "/generate": ["model", "prompt", "negative_prompt", "scheduler", "steps", "guidance", "seed", "random_seed",
+                  "width", "height", "keep_heads"],
+    "/heatmap": ["word", *VIEW_NAMES],
+    "/word_grid": VIEW_NAMES,
+    "/step": ["step", "follow", "word", *VIEW_NAMES],
+    "/downloads": ["word", *VIEW_NAMES],
+    "/decode": ["step"],
+    "/compare_view": ["word", "step", "exact_decode"],
+}  # fmt: skip
+
+
+def test_every_endpoint_takes_the_page_words_as_keywords_and_none_is_param_n(client):
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    names = {api: [p["parameter_name"] for p in ep["parameters"]] for api, ep in endpoints.items()}
+    unnamed = {api: params for api, params in names.items() if any(re.fullmatch(r"param_\d+", p) for p in params)}
+    assert not unnamed, unnamed
+    for api, params in API.items():
+        assert names[api] == params, api
+    assert {"/generate", "/words", "/heatmap", "/word_grid", "/step", "/decode", "/downloads", "/over_time",
+            "/compare", "/compare_view"} <= set(names)  # fmt: skip

@@ -21,6 +21,8 @@ ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+pytestmark = pytest.mark.browser
+
 SHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
 
 

@@ -111,6 +111,7 @@ def test_help_documents_every_option_with_examples(capsys):
         assert option in text, option
 
 
+@pytest.mark.slow
 def test_python_dash_m_sdviz_runs():
     done = subprocess.run(
         [sys.executable, "-m", "sdviz", "--help"],

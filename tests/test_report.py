@@ -114,6 +114,7 @@ def test_report_escapes_user_text(report_file):
     assert "Note &lt;i&gt;" in text
 
 
+@pytest.mark.browser
 def test_report_renders_in_headless_chromium_with_every_image_loaded(report_file):
     if not Path(CHROMIUM).exists():
         pytest.fail(
