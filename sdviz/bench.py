@@ -1,8 +1,12 @@
-"""What tracing costs: `python -m sdviz.bench --family sd1 --full --size 256 --steps 10`.
+"""What tracing costs, and what the app adds: `python -m sdviz.bench --family sd1 --full --size 256 --steps 10`.
 
 Times traced and untraced generations interleaved in one process (median of --repeats each, order
 alternating so drift cancels) and reports the memory a trace holds. Memory is measured on a short
 run at --memory-size and scaled to --memory-steps: every step stores tensors of the same shapes.
+
+`--app` instead serves the web app in-process on the built-in model and times, interleaved, the
+library's `sdviz.generate` against the app's `/generate` through `gradio_client` (same settings), and
+a `/heatmap` re-render: in the handler alone and as an HTTP round trip.
 """
 
 from __future__ import annotations
@@ -116,6 +120,86 @@ def measure_dtypes(family: str, full: bool, size: int, steps: int, repeats: int,
     }
 
 
+def measure_app(steps: int, repeats: int, prompt: str) -> dict:
+    """Library vs app round trip for one generation of the built-in model, and the cost of a re-render.
+
+    The app is timed through `gradio_client` twice: until the response has arrived (images as
+    URLs; `Client(download_files=False)`), and with the client downloading the images too (the
+    default `Client`). A no-op endpoint on a bare Gradio server gives the floor of a round trip.
+    """
+    import os
+
+    import numpy as np
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+    from gradio_client import Client
+
+    from . import generate, load_pipeline
+    from .settings import Settings
+    from .ui import Models, build_app, default_choices, launch
+    from .ui.panels import words
+    from .ui.session import Session
+
+    pipe = load_pipeline("toy")
+    pipe.set_progress_bar_config(disable=True)
+    models = Models(default_choices(), loaded={"toy": pipe})
+    demo = build_app(models)
+    _, url, _ = launch(demo, prevent_thread_lock=True, quiet=True)
+    with gr.Blocks(analytics_enabled=False) as bare:
+        text = gr.Textbox()
+        gr.Button().click(lambda x: x, text, text, api_name="echo")
+    _, bare_url, _ = bare.launch(prevent_thread_lock=True, quiet=True)
+    client, fetching, echo = (Client(url, verbose=False, download_files=False), Client(url, verbose=False),
+                              Client(bare_url, verbose=False))  # fmt: skip
+    settings = Settings(prompt, steps=steps, guidance=4.0, seed=0, width=64, height=64, scheduler="DDIM")
+    form = dict(model="toy", prompt=prompt, negative_prompt="", scheduler="DDIM", steps=steps, guidance=4.0, seed="0",
+                random_seed=False, width=64, height=64, keep_heads=False)  # fmt: skip
+    view = dict(negative=False, opacity=0.5, colormap="jet", from_step=1, to_step=steps, blocks=["down", "mid", "up"],
+                resolutions=[], layers=[], head=-1)  # fmt: skip
+    times = {key: [] for key in ("library", "app", "app_download", "handler", "heatmap", "heatmap_download", "echo")}
+
+    def timed(key, fn):
+        start = time.perf_counter()
+        out = fn()
+        times[key].append(time.perf_counter() - start)
+        return out
+
+    try:
+        client.predict(**form, api_name="/generate")  # warm-up: first requests pay for imports and caches
+        fetching.predict(**form, api_name="/generate")
+        for i in range(repeats):
+            order = ["library", "app", "app_download"]
+            for key in order[i % 3 :] + order[: i % 3]:  # rotate which goes first, so drift cancels
+                if key == "library":
+                    with models.using("toy"):
+                        image, run = timed(key, lambda: generate(pipe, settings))
+                else:
+                    caller = client if key == "app" else fetching
+                    timed(key, lambda caller=caller: caller.predict(**form, api_name="/generate"))
+        session = Session(run, np.asarray(image), "toy", 0, 0.0, settings, "toy")
+        word = run.words[1].text
+        for _ in range(repeats * 4):
+            timed("handler", lambda: words.heatmap(word, **view, session=session))
+            timed("heatmap", lambda: client.predict(word=word, **view, api_name="/heatmap"))
+            timed("heatmap_download", lambda: fetching.predict(word=word, **view, api_name="/heatmap"))
+            timed("echo", lambda: echo.predict("x", api_name="/echo"))
+    finally:
+        for c in (client, fetching, echo):
+            c.close()
+        demo.close()
+        bare.close()
+    med = {key: statistics.median(values) for key, values in times.items()}
+    return {
+        "steps": steps, "repeats": repeats, "threads": torch.get_num_threads(), "prompt": prompt,
+        "library_median_s": med["library"], "app_median_s": med["app"],
+        "app_download_median_s": med["app_download"], "app_over_library": med["app"] / med["library"],
+        "app_download_over_library": med["app_download"] / med["library"],
+        "heatmap_handler_median_ms": 1000 * med["handler"], "heatmap_round_trip_median_ms": 1000 * med["heatmap"],
+        "heatmap_download_median_ms": 1000 * med["heatmap_download"], "gradio_floor_median_ms": 1000 * med["echo"],
+    }  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sdviz.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -135,10 +219,30 @@ def main(argv=None) -> int:
         action="store_true",
         help="instead: time fp32 against bf16 generations (interleaved) and compare their images",
     )
+    parser.add_argument(
+        "--app",
+        action="store_true",
+        help="instead: the app's /generate against the library's generate (built-in model), and /heatmap",
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.app:
+        fig = measure_app(args.steps, args.repeats, args.prompt)
+        print(
+            f"built-in model, {fig['steps']} steps, {fig['threads']} threads, {fig['repeats']} interleaved runs each:\n"
+            f"  library generate {fig['library_median_s']:.2f} s; app /generate {fig['app_median_s']:.2f} s "
+            f"(×{fig['app_over_library']:.2f}), {fig['app_download_median_s']:.2f} s with the client downloading "
+            f"the images (×{fig['app_download_over_library']:.2f})\n"
+            f"  /heatmap: {fig['heatmap_handler_median_ms']:.1f} ms in the handler, "
+            f"{fig['heatmap_round_trip_median_ms']:.0f} ms round trip ({fig['heatmap_download_median_ms']:.0f} ms "
+            f"with the download); a bare Gradio no-op round trip: {fig['gradio_floor_median_ms']:.0f} ms"
+        )
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(fig, f, indent=2)
+        return 0
     if args.dtypes:
         fig = measure_dtypes(args.family, args.full, args.size, args.steps, args.repeats, args.prompt)
         print(
