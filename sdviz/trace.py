@@ -250,6 +250,8 @@ class Tracer:
     def _on_unet(self, module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if isinstance(timestep, torch.Tensor):
+            timestep = timestep.reshape(-1)[0]  # some pipelines pass one timestep per batch row
         if self._steps and timestep is not None and float(timestep) > self._steps[-1].timestep:
             raise RuntimeError(  # timesteps only fall within a generation: this is the next pipeline call
                 "one sdviz.trace records one generation: open a new `with sdviz.trace(pipe)` for each pipeline call"

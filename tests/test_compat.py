@@ -186,6 +186,15 @@ def test_lora_maps_include_the_adapters_query_and_key():
     assert (recorded - with_lora[:, :T].T).abs().max() <= 1e-5
     assert (recorded - without[:, :T].T).abs().max() > 1e-3
     assert not torch.allclose(run.attention[name], plain_run.attention[name], atol=1e-3)
+    # the LoRA scale of cross_attention_kwargs applies to the recorded projections too: W + 0.5·B·A
+    seen, handle = layer_inputs(attn)
+    try:
+        _, half = untraced_and_traced(pipe, trace_kw=dict(dtype=torch.float32), cross_attention_kwargs={"scale": 0.5})
+    finally:
+        handle.remove()
+    hidden, context = seen[0]
+    expected = explicit_probs(hidden[cond], context[cond], w_q + 0.5 * lq, w_k + 0.5 * lk, attn.heads, attn.scale)
+    assert (half.attention[name][0].double().flatten(1) - expected[:, :T].T).abs().max() <= 1e-5
 
 
 def test_textual_inversion_token_is_a_word():
