@@ -15,9 +15,10 @@ What it installs, and removes in `finally` whatever happens:
   has no hook that sees the scheduler's inputs and its x0 together, so this one method is wrapped,
   with the original's signature, and the instance is given back exactly as it was (an instance-level
   `step` someone else set included).
-Everything that may fail, or refuse, runs in `__enter__`, before the user's call; state lives on the
-Tracer, so two traces of two pipelines in two threads never mix. The tracer builds its own result
-(`Tracer.result`), after a failed or stopped call too.
+What may fail, or refuse, runs in `__enter__`, before the user's call (an `image=` the call doesn't
+make is refused at the U-Net's first call, before any denoising); after the call only the hooks are
+removed and the result assembled. State lives on the Tracer, so two traces of two pipelines in two
+threads never mix. The tracer builds its own result (`Tracer.result`), after a failed or stopped call too.
 """
 
 from __future__ import annotations

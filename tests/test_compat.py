@@ -142,6 +142,13 @@ def test_tiny_autoencoder_as_the_vae():
     assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
 
 
+def test_a_vae_sdviz_cant_fit_leaves_previews_to_an_exact_decode(sd1_pipe):
+    with mock.patch.object(sd1_pipe.vae, "encode", side_effect=RuntimeError("no encoder")):
+        _, run = untraced_and_traced(sd1_pipe)
+    assert run.info.preview_source == "none" and run.info.latent_rgb is None
+    assert run.decode(0, sd1_pipe.vae).shape == (SIZE, SIZE, 3)
+
+
 class GainProcessor(AttnProcessor2_0):
     """A user's processor with an argument of its own: scales the layer's output by `gain`."""
 
