@@ -47,6 +47,12 @@ class RunInfo:
     vae_shift_factor: float = 0.0
     latent_rgb: tuple | None = None  # [C + 1][3] the preview's linear latent → RGB map (sdviz.preview)
     preview_source: str = "none"  # where that map came from: "shipped", "published", "fitted", "none"
+    image: int = 0  # which image of the call was recorded (0-based, in the order of the pipeline's `.images`)
+    # How the recorded tokens were named: "text_encoder" (the ids the pipeline's text encoder got),
+    # "prompt" (the `prompt=` text given to sdviz.trace, tokenized: the pipeline got `prompt_embeds`),
+    # "index" (neither: tokens and words are "#0" … "#76"), "none" (nothing recorded, or no negative branch).
+    tokens_from: str = "text_encoder"
+    negative_tokens_from: str = "text_encoder"
 
     @property
     def vae_scale_factor(self) -> int:
@@ -190,9 +196,14 @@ class TraceResult:
         hits = [i for w in words if w.text.lower() == wanted for i in w.tokens]
         if not hits:
             hits = [t.index for t in tokens if t.text.lower() == wanted]
+        which = "negative prompt" if negative else "prompt"
+        if not hits and (self.info.negative_tokens_from if negative else self.info.tokens_from) == "index":
+            raise KeyError(
+                f"{word!r}: the {which}'s text was not seen (the pipeline got embeddings), so its tokens are named "
+                f"by position, '#0'–'#{len(tokens) - 1}'; pass the text to sdviz.trace(pipe, prompt=...) to use words"
+            )
         if not hits:
             listing = ", ".join(repr(w.text) for w in words) or "(none: the prompt was empty)"
-            which = "negative prompt" if negative else "prompt"
             raise KeyError(f"{word!r} is not a word of the {which}; its words are: {listing}")
         return hits
 
