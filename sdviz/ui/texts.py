@@ -18,7 +18,7 @@ CSS = """
 .sdviz-explain {font-size: 0.92em; opacity: 0.9;}
 #sdviz-words .wrap {gap: 6px;}
 #sdviz-words label {font-size: 1.05em;}
-/* small images (the 64×64 built-in model, 8×8 latents) fill their panel, pixel for pixel */
+/* small images (the 64×64 built-in model) fill their panel, pixel for pixel */
 .sdviz-fill img {width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated;}
 /* Gradio narrows the grid to the number of images: two variants would each be half the width, cropped */
 #sdviz-cmp-gallery .grid-container {--grid-cols: 4 !important;}
