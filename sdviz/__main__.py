@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import loading, report
+from . import loading, preview, report
 from . import settings as check
 from .generate import Settings, generate
 from .loading import PRESETS, load_pipeline, pick_device
@@ -315,21 +315,21 @@ def present_words(run, wanted: list[str] | None) -> list[str] | None:
     return found
 
 
-def write_outputs(out: Path, run, image, settings, model: str, words, extra: dict) -> list[Path]:
-    """Every file of one prompt's handout, in `out`."""
+def write_outputs(out: Path, run, image, settings, model: str, words, extra: dict, previewer=None) -> list[Path]:
+    """Every file of one prompt's handout, in `out` (step pictures drawn by `previewer`)."""
     out.mkdir(parents=True, exist_ok=True)
-    pictures = report.handout_images(run, image, words)
+    pictures = report.handout_images(run, image, words, previewer=previewer)
     written = []
     for name, picture in pictures.items():
         picture.save(out / name)
         written.append(out / name)
     written.append(run.save(out / "trace.safetensors"))
     info = dataclasses.asdict(settings) | {"model": model}
-    written.append(report.write_report(out / "report.html", run, image, info, extra, words, pictures))
+    written.append(report.write_report(out / "report.html", run, image, info, extra, words, pictures, previewer))
     return written
 
 
-def run_job(pipe, job: Job, base, model: str, wanted, device_label: str, nested: bool) -> list[Path]:
+def run_job(pipe, job: Job, base, model: str, wanted, device_label: str, nested: bool, previewer=None) -> list[Path]:
     """Generate one prompt (a step progress bar below the prompts bar when `nested`) and write its handout."""
     settings = job_settings(base, job)
     bar = tqdm(total=settings.steps, desc="steps", unit="step", leave=False, position=int(nested))
@@ -350,7 +350,7 @@ def run_job(pipe, job: Job, base, model: str, wanted, device_label: str, nested:
         "Generation time": f"{seconds:.1f} s",
         "Reproduce with": reproduce(settings, model),
     }
-    return write_outputs(job.out, run, image, settings, model, words, extra)
+    return write_outputs(job.out, run, image, settings, model, words, extra, previewer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,12 +387,13 @@ def _run(args, parser) -> int:
     param = next(pipe.unet.parameters())
     device_label = f"{param.device.type}, {str(param.dtype).replace('torch.', '')}"
     batch = args.prompts is not None
+    pictures = preview.previewer(pipe)  # how step pictures are drawn: the VAE when cheap, TAESD, or the linear map
     failures: list[tuple[Job, str]] = []
     jobs_bar = tqdm(jobs, desc="prompts", unit="prompt", disable=not batch, position=0)
     try:
         for job in jobs_bar:
             try:
-                run_job(pipe, job, base, model, wanted, device_label, nested=batch)
+                run_job(pipe, job, base, model, wanted, device_label, nested=batch, previewer=pictures)
             except Exception as err:  # a batch goes on; the failure is reported at the end
                 failures.append((job, f"{type(err).__name__}: {err}"))
                 tqdm.write(f"failed: {_where(job)}: {err}", file=sys.stderr)

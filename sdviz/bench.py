@@ -16,7 +16,9 @@ import json
 import statistics
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 
 from .random_models import FAMILIES, build_random_pipeline
 from .trace import trace
@@ -200,6 +202,38 @@ def measure_app(steps: int, repeats: int, prompt: str) -> dict:
     }  # fmt: skip
 
 
+def measure_previews(prompts: list[str], steps: int) -> dict:
+    """How far the built-in model's fast linear preview is from the exact VAE decode of the same latent,
+    per pixel and channel (0–255), over every step's x0 of one run per prompt; and what a decode costs."""
+    from . import generate, load_pipeline
+    from .preview import previewer
+    from .settings import Settings
+
+    pipe = load_pipeline("toy")
+    pipe.set_progress_bar_config(disable=True)
+    chosen = previewer(pipe)
+    means, worst, last, decode_s = [], [], [], []
+    for i, prompt in enumerate(prompts):
+        image, run = generate(pipe, Settings(prompt, steps=steps, guidance=4.0, seed=i, width=64, height=64,
+                                             scheduler="DDIM"))  # fmt: skip
+        for step in range(run.num_steps):
+            start = time.perf_counter()
+            exact = run.decode(step, pipe.vae).astype(float)  # [H, W, 3]
+            decode_s.append(time.perf_counter() - start)
+            size = exact.shape[1], exact.shape[0]
+            linear = np.asarray(Image.fromarray(run.preview(step)).resize(size, Image.BILINEAR)).astype(float)
+            err = np.abs(exact - linear)
+            means.append(err.mean())
+            worst.append(err.mean(axis=2).max())
+        last.append(means[-1])
+    return {
+        "prompts": len(prompts), "steps": steps, "previewer": chosen.kind,
+        "linear_mean_error": float(np.mean(means)), "linear_worst_image_mean_error": float(np.max(means)),
+        "linear_last_step_mean_error": float(np.mean(last)), "linear_worst_pixel_error": float(np.median(worst)),
+        "exact_decode_ms": 1000 * statistics.median(decode_s),
+    }  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sdviz.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -224,10 +258,31 @@ def main(argv=None) -> int:
         action="store_true",
         help="instead: the app's /generate against the library's generate (built-in model), and /heatmap",
     )
+    parser.add_argument(
+        "--previews",
+        action="store_true",
+        help="instead: the built-in model's linear preview against the exact VAE decode, over held-out captions",
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.previews:
+        from .toy.world import heldout_captions
+
+        fig = measure_previews(heldout_captions(args.repeats), args.steps)
+        print(
+            f"built-in model, {fig['prompts']} held-out captions × {fig['steps']} steps, every step's x0: the fast "
+            f"linear map differs from the exact VAE decode by {fig['linear_mean_error']:.1f}/255 on average "
+            f"(worst image {fig['linear_worst_image_mean_error']:.1f}/255, "
+            f"last step {fig['linear_last_step_mean_error']:.1f}/255; "
+            f"median of each image's worst pixel {fig['linear_worst_pixel_error']:.0f}/255). An exact decode costs "
+            f"{fig['exact_decode_ms']:.1f} ms, so the app, CLI and report show '{fig['previewer']}' pictures (0/255)."
+        )
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(fig, f, indent=2)
+        return 0
     if args.app:
         fig = measure_app(args.steps, args.repeats, args.prompt)
         print(

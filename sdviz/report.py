@@ -22,6 +22,13 @@ from . import render
 from .result import TraceResult
 from .settings import Settings
 
+# What the step strip's pictures are, by the previewer that drew them (sdviz.preview.Previewer.kind).
+_STRIP_HOW = {
+    "vae": "Each guess is decoded by the model's own VAE, so it shows exactly the picture that latent stands for.",
+    "taesd": "Each guess is decoded by TAESD, a tiny stand-in for the VAE: close to the real colours, a little soft.",
+    "linear": "These are quick previews of those guesses: a simple colour mapping of the latent, without the VAE "
+    "decoder, so colours are approximate and edges soft.",
+}
 MIN_SIDE = 256  # small images (the 64×64 toy model) are enlarged to at least this, pixel for pixel
 
 
@@ -45,12 +52,14 @@ def _enlarged(image: Image.Image) -> Image.Image:
     return image if factor <= 1 else image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
-def handout_images(run: TraceResult, image: Image.Image, words=None, strip: int = 8) -> dict[str, Image.Image]:
+def handout_images(run: TraceResult, image: Image.Image, words=None, strip: int = 8,
+                   previewer=None) -> dict[str, Image.Image]:  # fmt: skip
     """Every picture of the handout, by file name.
 
     image.png (as generated), heatmaps.png (grid) and heatmap-NN-<word>.png (one per word, overlaid on
-    the image), steps.png (x0 previews), latent-rgb.png and latent-channels.png (the final latent),
-    schedule.png and attention-over-time.png. Words: see `report_words`.
+    the image), steps.png (x0 at several steps, drawn by `previewer`: see `render.preview`),
+    latent-rgb.png and latent-channels.png (the final latent), schedule.png and attention-over-time.png.
+    Words: see `report_words`.
     """
     image = image.convert("RGB")
     big = _enlarged(image)
@@ -60,7 +69,7 @@ def handout_images(run: TraceResult, image: Image.Image, words=None, strip: int 
         pictures["heatmaps.png"] = render.to_image(render.word_grid(run, big, chosen))
         for i, word in enumerate(chosen, 1):
             pictures[f"heatmap-{i:02d}-{slug(word)}.png"] = render.overlay(big, run.heatmap(word))
-    pictures["steps.png"] = render.to_image(render.step_strip(run, count=strip))
+    pictures["steps.png"] = render.to_image(render.step_strip(run, count=strip, previewer=previewer))
     final = run.latent(0, "final").numpy()  # [C, h, w]
     pictures["latent-rgb.png"] = render.latent_rgb(final, size=MIN_SIDE)
     pictures["latent-channels.png"] = render.latent_channels(final, size=MIN_SIDE // 2, gap=4)
@@ -149,6 +158,7 @@ def report_html(
     extra: dict | None = None,
     words=None,
     pictures: dict[str, Image.Image] | None = None,
+    previewer=None,
 ) -> str:
     """The report as one HTML string: settings, final image, word heatmaps, attention over time, step
     strip, schedule and latent, each with a plain-language explanation.
@@ -156,10 +166,11 @@ def report_html(
     settings: the `Settings` of the run or a dict with the same keys (plus "model"); missing values
     come from `run.info`. extra: more (label, value) rows for the settings table. words: the words to
     draw (default: every word). pictures: `handout_images(...)` when already made (the CLI saves them too).
+    previewer: what drew the step strip (`sdviz.preview.Previewer`; None: the fast linear map).
     """
     from . import __version__  # at call time, so that sdviz/__init__.py may import this module
 
-    pictures = pictures or handout_images(run, image, words)
+    pictures = pictures or handout_images(run, image, words, previewer=previewer)
     e = html.escape
     rows = _settings_rows(run, settings, extra)
     prompt = rows[0][1]
@@ -257,9 +268,8 @@ clears.</p></div></section>
     parts.append(f"""<section id="steps"><h2>Step by step: from noise to picture</h2>
 <figure>{_img(pictures["steps.png"], "predicted final image at several steps")}</figure>
 <div class="explain"><p>At every step the U-Net's noise prediction also gives a guess of the finished picture,
-called <i>x0</i> (x-zero, the predicted clean latent). These are quick previews of those guesses: a simple colour
-mapping of the latent, without the VAE decoder, so colours are approximate and edges soft. The first guesses are
-vague blobs; the layout settles early and the details arrive last.</p></div></section>
+called <i>x0</i> (x-zero, the predicted clean latent). {_STRIP_HOW[getattr(previewer, "kind", "linear")]} The first
+guesses are vague blobs; the layout settles early and the details arrive last.</p></div></section>
 
 <section id="schedule"><h2>The noise schedule</h2>
 <figure>{_img(pictures["schedule.png"], "timestep, sigma and alpha-bar at each step")}</figure>
@@ -299,8 +309,9 @@ def write_report(
     extra: dict | None = None,
     words=None,
     pictures: dict[str, Image.Image] | None = None,
+    previewer=None,
 ) -> Path:
     """Write `report_html(...)` to `path` (UTF-8) and return the path."""
     path = Path(path)
-    path.write_text(report_html(run, image, settings, extra, words, pictures), encoding="utf-8")
+    path.write_text(report_html(run, image, settings, extra, words, pictures, previewer), encoding="utf-8")
     return path

@@ -413,14 +413,22 @@ class TraceResult:
         return latent_to_rgb(self.latent(step, which), torch.tensor(self.info.latent_rgb)).numpy()
 
     @torch.no_grad()
-    def decode(self, step: int, vae, which: str = "x0") -> np.ndarray:
-        """Exact VAE decode of a step's latent: uint8 [H, W, 3]. Cached: a step is decoded once."""
-        key = f"{which}/{self.step_indices(step)[0] if which != 'final' else 'last'}"
+    def decode(self, step: int, vae, which: str = "x0", cache: str = "") -> np.ndarray:
+        """VAE decode of a step's latent: uint8 [H, W, 3]. Cached in `decoded`: a step is decoded once.
+
+        `vae` is the pipeline's own VAE (the exact picture, cached as "x0/7") or a stand-in decoder
+        such as TAESD (`cache="taesd"`, cached as "taesd/x0/7"); each is given latents scaled by its
+        own config's `scaling_factor` and `shift_factor`.
+        """
+        index = self.step_indices(step)[0] if which != "final" else "last"
+        key = f"{cache}/{which}/{index}" if cache else f"{which}/{index}"
         if key not in self.decoded:
             param = next(vae.parameters())
+            config = getattr(vae, "config", {}) or {}
+            scale = config.get("scaling_factor") or self.info.vae_scaling_factor
+            shift = config.get("shift_factor") or (0.0 if cache else self.info.vae_shift_factor)
             z = self.latent(step, which)[None].to(param.device, param.dtype)  # [1, C, h, w]
-            z = z / self.info.vae_scaling_factor + self.info.vae_shift_factor
-            image = vae.decode(z).sample[0].float().cpu()  # [3, H, W] in [-1, 1]
+            image = vae.decode(z / scale + shift).sample[0].float().cpu()  # [3, H, W] in [-1, 1]
             self.decoded[key] = ((image.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).round().byte().numpy()
         return self.decoded[key]
 

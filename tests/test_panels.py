@@ -71,8 +71,14 @@ def test_generate_panel_streams_then_shows_the_run_and_its_downloads(models, sto
     assert isinstance(last["session"], Session) and last["seed_used"] == "3"
     assert "Done: 4 steps" in last["progress"] and "Seed 3" in last["notes"]
     assert [text for text, kind in last["tokens"] if kind][1:4] == ["a", "red", "circle"]
-    files = generate.downloads("circle", **DRAW, **ALL, session=stored)["files"]
-    assert {Path(f).name for f in files} == {"image.png", "heatmap-circle.png", "trace.safetensors", "report.html"}
+    files = generate.downloads("circle", **DRAW, **ALL, session=stored, models=models)["files"]
+    assert {Path(f).name for f in files} == {
+        "image.png",
+        "heatmap-circle.png",
+        "heatmaps.npz",
+        "trace.safetensors",
+        "report.html",
+    }
 
 
 def test_stop_ends_the_run_with_its_steps_kept_and_marked_partial(models):
@@ -144,17 +150,19 @@ def test_words_panel_errors_teach(stored):
 
 # -- steps ----------------------------------------------------------------------------------------------
 def test_steps_panel_shows_one_step_follows_the_heatmap_and_plays(stored, models):
-    out = steps.show_step(2, True, "red", **DRAW, **ALL, session=stored)
+    out = steps.show_step(2, True, "red", **DRAW, **ALL, session=stored, models=models)
     assert "Step 2 of 4" in out["caption"] and out["xt"] and out["schedule"] and out["step_heat"].visible
-    assert out["decoded"] is None  # not decoded yet
+    # The tiny test VAE is cheap, so the pictures are its exact decodes (cached in the trace as they are drawn).
+    assert models.previewer("tiny-random").kind == "vae" and "exact VAE decode" in out["x0"].label
+    assert np.array_equal(np.asarray(out["decoded"]), stored.run.decode(1, models.pipeline("tiny-random").vae))
     decoded = steps.decode(2, stored, models=models)
     assert decoded["decoded"].size == (SIZE, SIZE) and "x0/1" in decoded["session"].run.decoded
-    ticked = steps.tick(4, False, "red", **DRAW, **ALL, session=stored)
+    ticked = steps.tick(4, False, "red", **DRAW, **ALL, session=stored, models=models)
     assert ticked["step"].value == 1  # wraps round
-    assert steps.tick(1, False, "red", **DRAW, **ALL, session=None)["timer"].active is False
-    assert steps.show_run(stored)["step"].value == STEPS
+    assert steps.tick(1, False, "red", **DRAW, **ALL, session=None, models=models)["timer"].active is False
+    assert steps.show_run(stored, models=models)["step"].value == STEPS
     with pytest.raises(ValueError, match="steps 1–4"):
-        steps.show_step(5, False, "red", **DRAW, **ALL, session=stored)
+        steps.show_step(5, False, "red", **DRAW, **ALL, session=stored, models=models)
 
 
 # -- attention over time, how it works ----------------------------------------------------------------
@@ -186,9 +194,9 @@ def test_compare_panel_plans_checks_and_redraws_stored_variants(sd1_pipe, models
 def test_every_panel_requires_a_run_with_one_message():
     calls = [
         lambda: words.words(False, 0.5, "jet", None),
-        lambda: steps.show_run(None),
+        lambda: steps.show_run(None, models=None),
         lambda: over_time.show_run(None),
-        lambda: generate.downloads("a", **DRAW, **ALL, session=None),
+        lambda: generate.downloads("a", **DRAW, **ALL, session=None, models=None),
     ]
     for fn in calls:
         with pytest.raises(ValueError, match="Generate an image first"):
@@ -212,3 +220,24 @@ def test_stop_requests_belong_to_their_session():
     stops.finish("mine", mine)
     assert not stops.stop("mine")  # nothing running any more
     assert isinstance(theirs, threading.Event)
+
+
+def test_built_in_model_pictures_of_x0_match_the_final_image():
+    """The live preview, the step view and the finished run's preview show the image's real colours."""
+    pipe = sdviz.load_pipeline("toy")
+    pipe.set_progress_bar_config(disable=True)
+    models = Models({"toy": sdviz.PRESETS["toy"]}, loaded={"toy": pipe})
+    settings = sdviz.Settings("a red circle on the left and a yellow square", steps=10, guidance=4.0, seed=1,
+                              width=64, height=64, scheduler="DDIM")  # fmt: skip
+    image, run = sdviz.generate(pipe, settings)
+    session = Session(run, np.asarray(image), "toy", 1, 0.0, settings, "toy")
+    final = np.asarray(image).astype(float)
+
+    def error(picture) -> float:  # mean |difference| per pixel and channel, 0–255, at the image's size
+        return float(np.abs(np.asarray(picture.convert("RGB").resize((64, 64))).astype(float) - final).mean())
+
+    shown = steps.step_view(session, run.num_steps, models.previewer("toy"))["x0"].value
+    assert error(Image.open(shown["path"]) if isinstance(shown, dict) else shown) <= 8
+    assert error(generate.finished(session, models.previewer("toy"))["preview"]) <= 8
+    linear = Image.fromarray(run.preview(run.num_steps - 1, "x0"))
+    assert error(linear) > 8  # what the fast linear map alone shows: why the built-in model decodes exactly

@@ -11,6 +11,7 @@ import contextlib
 import threading
 
 from ..loading import PRESETS, TOY_MODEL_DIR, Preset, load_pipeline, pick_device
+from ..preview import Previewer, previewer
 
 RANDOM = "tiny-random"
 RANDOM_PRESET = Preset(
@@ -69,6 +70,7 @@ class Models:
         self.choices = dict(choices)
         self.default = default or next(iter(self.choices))
         self._pipes = dict(loaded or {})
+        self._previewers: dict = {}
         self._loading = threading.Lock()
         self._busy = {name: threading.Lock() for name in self.choices}
 
@@ -90,6 +92,18 @@ class Models:
             if name not in self._pipes:
                 self._pipes[name] = _load(preset.source)
             return self._pipes[name]
+
+    def previewer(self, name: str) -> Previewer:
+        """How `name`'s step latents become pictures (its VAE when cheap, a local TAESD, else the linear map).
+
+        A previewer's decoder only reads the VAE, which a trace never hooks, so it needs no `using` lock:
+        the step view stays responsive while someone else's run holds the model.
+        """
+        pipe = self.pipeline(name)
+        with self._loading:
+            if name not in self._previewers:
+                self._previewers[name] = previewer(pipe)
+            return self._previewers[name]
 
     @contextlib.contextmanager
     def using(self, name: str):

@@ -6,7 +6,7 @@ KeyError with the library's teaching messages; `wiring.handler` turns those into
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -29,6 +29,8 @@ class Session:
     elapsed: float  # seconds the run took
     settings: Settings
     label: str  # the model as the page names it
+    # Pictures drawn once per run and reused by later events (e.g. the schedule chart); never shared.
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def partial(self) -> bool:

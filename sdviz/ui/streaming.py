@@ -14,13 +14,14 @@ import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
 from .. import compare
 from ..compare import Variant
 from ..generate import Cancelled, Settings, generate
-from ..preview import latent_to_rgb, preview_map
+from ..preview import preview_map
 from ..result import TraceResult
 from .models import Models
 
@@ -54,9 +55,11 @@ class Stopped:
     elapsed: float
 
 
-def live_preview(latent: torch.Tensor, factors: torch.Tensor) -> Image.Image:
-    """latent [C, h, w] → small RGB preview through the model's linear latent → RGB map (no VAE)."""
-    small = Image.fromarray(latent_to_rgb(latent, factors).numpy())
+def live_preview(pixels) -> Image.Image | None:
+    """uint8 [H, W, 3] (or [h, w, 3]) → a small RGB preview for the page; None stays None."""
+    if pixels is None:
+        return None
+    small = Image.fromarray(np.asarray(pixels))
     width = min(PREVIEW_WIDTH, max(small.width * 8, 64))
     return small.resize((width, width * small.height // small.width), Image.BILINEAR)
 
@@ -132,6 +135,20 @@ class Throttle:
         return True
 
 
+def _live_pictures(models: Models, model: str):
+    """latent [C, h, w] → uint8 picture (or None) for the live preview, drawn in the request's thread.
+
+    The previewer reads only the VAE, which the run doesn't use until its last step (and reading a
+    module from two threads is safe), so a preview costs the run nothing but a share of a core.
+    """
+    pipe = models.pipeline(model)
+    factors, _ = preview_map(pipe)  # [C + 1, 3], or None
+    draw = models.previewer(model)
+    vae = getattr(pipe, "vae", None)
+    scaling = float(vae.config.get("scaling_factor") or 1.0) if vae is not None else 1.0
+    return lambda latent: draw.live(latent, factors, scaling)
+
+
 def generate_streaming(
     models: Models,
     model: str,
@@ -149,7 +166,7 @@ def generate_streaming(
     """
     start = time.perf_counter()
     yield Tick(0, settings.steps, 0.0, message=f"Loading {models.label(model)}…")
-    factors, _ = preview_map(models.pipeline(model))  # [C + 1, 3], or None: no live preview
+    picture = _live_pictures(models, model)
 
     def job(pipe, report):
         def on_step(index: int, total: int, x0: torch.Tensor):
@@ -167,9 +184,7 @@ def generate_streaming(
                 now = time.perf_counter()
                 if not updates.due(now) and item is not None:
                     continue
-                preview = None
-                if latent is not None and factors is not None and previews.due(now):
-                    preview = live_preview(latent, factors)
+                preview = live_preview(picture(latent)) if latent is not None and previews.due(now) else None
                 yield Tick(done, total, now - start, preview)
         except Cancelled as err:
             if not worker.stopped_by_user:
@@ -213,7 +228,7 @@ def compare_streaming(
     """
     start, count = time.perf_counter(), len(values)
     yield Tick(0, count, 0.0, message=f"Loading {models.label(model)}…")
-    factors, _ = preview_map(models.pipeline(model))
+    picture = _live_pictures(models, model)
 
     def job(pipe, report):
         def on_step(variant: int, index: int, total: int, x0: torch.Tensor):
@@ -242,9 +257,7 @@ def compare_streaming(
                 now = time.perf_counter()
                 if not updates.due(now) and item is not None:
                     continue
-                preview = None
-                if latent is not None and factors is not None and previews.due(now):
-                    preview = live_preview(latent, factors)
+                preview = live_preview(picture(latent)) if latent is not None and previews.due(now) else None
                 yield Tick(round(1000 * share), 1000, now - start, preview, f"{message} · {now - start:.1f} s")
         except Cancelled as err:
             if not worker.stopped_by_user:

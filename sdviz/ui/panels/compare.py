@@ -178,7 +178,7 @@ def default_word(comparison: Comparison) -> str | None:
     return strongest_word(comparison.variants[0].run)
 
 
-def figure(comparison: Comparison, word: str | None, step, vae=None) -> Image.Image:
+def figure(comparison: Comparison, word: str | None, step, vae=None, previewer=None) -> Image.Image:
     """compare_figure of the stored variants: final images, x0 at the shared `step` (1-based; decoded
     by `vae` when given, else the fast preview), the word's maps."""
     longest = comparison.longest
@@ -193,7 +193,7 @@ def figure(comparison: Comparison, word: str | None, step, vae=None) -> Image.Im
             [v.settings.prompt for v in comparison.variants],
             [[w.text for w in v.run.words] for v in comparison.variants],
         )
-    fig = compare.compare_figure(comparison.variants, word=word, step=step - 1, vae=vae)
+    fig = compare.compare_figure(comparison.variants, word=word, step=step - 1, vae=vae, previewer=previewer)
     return render.to_image(fig)
 
 
@@ -278,10 +278,10 @@ def compared(event: Compared, comparison: Comparison, base: Settings, word, exac
 
 
 def draw(comparison: Comparison, word, step, exact_decode: bool, models: Models) -> Image.Image:
-    if not exact_decode:
-        return figure(comparison, word, step)
-    with models.using(comparison.model) as pipe:  # the VAE, on its device, one user at a time
-        return figure(comparison, word, step, vae=pipe.vae)
+    """The comparison figure; x0 by the model's VAE when asked (or when the previewer is that VAE anyway).
+    Decoding only reads the VAE, which no trace hooks, so it needs no lock on the model."""
+    vae = models.pipeline(comparison.model).vae if exact_decode else None
+    return figure(comparison, word, step, vae=vae, previewer=models.previewer(comparison.model))
 
 
 def view(word: str, step: float, exact_decode: bool, comparison, *, models: Models) -> dict:

@@ -14,11 +14,12 @@ from PIL import Image
 
 from ... import render, report
 from ...loading import TOY_MODEL_DIR
+from ...preview import Previewer
 from ...settings import SCHEDULERS
 from .. import texts
 from ..inputs import max_side, notes_before, settings_from_form
 from ..models import Models
-from ..session import Session, filters_from_form, heatmap_image, require
+from ..session import Session, filters_from_form, heatmap_image, require, words_of
 from ..streaming import PREVIEW_WIDTH, Done, Stopped, generate_streaming
 from ..wiring import PIPELINE, STATE_TTL_S, App, Form, StopRequests, handler, pipeline_errors, zero_gpu
 
@@ -79,9 +80,9 @@ def generate(
             for event in events:
                 if isinstance(event, Done):
                     image = np.asarray(event.image.convert("RGB"))
-                    yield finished(
-                        Session(event.run, image, model, settings.seed, event.elapsed, settings, models.label(model))
-                    )
+                    session = Session(event.run, image, model, settings.seed, event.elapsed, settings,
+                                      models.label(model))  # fmt: skip
+                    yield finished(session, models.previewer(model))
                 elif isinstance(event, Stopped):
                     yield stopped(event, models, model, settings)
                 else:
@@ -91,7 +92,7 @@ def generate(
         stops.finish(hash_, flag)
 
 
-def finished(session: Session) -> dict:
+def finished(session: Session, previewer: Previewer) -> dict:
     """Everything the controls show once a run has finished (or stopped part-way)."""
     run = session.run
     n = run.num_steps
@@ -103,11 +104,11 @@ def finished(session: Session) -> dict:
         gr.Warning(f"The prompt was longer than 77 tokens; cut: “{run.truncated}”")
     return {
         "progress": texts.progress_html(n, n, session.elapsed, message),
-        "preview": render.preview(run, n - 1, "x0", PREVIEW_WIDTH) if n and run.info.latent_rgb else None,
+        "preview": render.preview(run, n - 1, "x0", PREVIEW_WIDTH, previewer) if n else None,
         "image": session.image,
         "seed_used": str(session.seed),
         "tokens": token_chips(run),
-        "notes": run_notes(session),
+        "notes": run_notes(session, previewer),
         "session": session,
     }
 
@@ -116,10 +117,10 @@ def stopped(event: Stopped, models: Models, model: str, settings) -> dict:
     """Stop pressed: keep the steps that ran, explorable, with their last x0 as the picture."""
     if event.run is None or event.run.num_steps == 0:
         return {"progress": texts.progress_html(0, 1, event.elapsed, "Stopped before the first step")}
-    run = event.run
-    with models.using(model) as pipe:  # the VAE, one user at a time
-        image = run.decode(run.num_steps - 1, pipe.vae, "x0")
-    return finished(Session(run, image, model, settings.seed, event.elapsed, settings, models.label(model)))
+    run, draw = event.run, models.previewer(model)
+    pixels = draw.picture(run, run.num_steps - 1, "x0")  # [H, W, 3], or [h, w, 3] for the linear map
+    image = np.asarray(Image.fromarray(pixels).resize(run.image_size[::-1], Image.BILINEAR))
+    return finished(Session(run, image, model, settings.seed, event.elapsed, settings, models.label(model)), draw)
 
 
 def stop(request: gr.Request, *, stops: StopRequests) -> dict:
@@ -141,10 +142,14 @@ def downloads(
     layers: list,
     head,
     session,
+    *,
+    models: Models,
 ) -> dict:
-    """Files to take away: the final image, the current heatmap, the trace and the HTML report."""
+    """Files to take away: the final image, the current heatmap, every word's map as arrays (.npz, with
+    these filters), the trace and the HTML report."""
     session = require(session)
-    filters = filters_from_form(session.run, from_step, to_step, blocks, resolutions, layers, head)
+    run = session.run
+    filters = filters_from_form(run, from_step, to_step, blocks, resolutions, layers, head)
     heat = heatmap_image(session, word, negative, filters, opacity, colormap) if word else None
     folder = Path(tempfile.mkdtemp(prefix="sdviz-"))
     files = [folder / "image.png"]
@@ -152,10 +157,17 @@ def downloads(
     if heat is not None:
         files.append(folder / f"heatmap-{report.slug(word)}.png")
         heat.save(files[-1])
-    files.append(session.run.save(folder / "trace.safetensors"))
+    chosen = words_of(run, negative)
+    if chosen:  # float32 [H, W] attention probabilities per word, as `run.heatmap(word, size="image")`
+        maps = {w: run.heatmap(w, size="image", negative=negative, **filters.kwargs()) for w in chosen}
+        files.append(folder / "heatmaps.npz")
+        np.savez_compressed(files[-1], **maps)
+    files.append(run.save(folder / "trace.safetensors"))
     settings = dict(dataclasses.asdict(session.settings), model=session.label)
     image = Image.fromarray(session.image)
-    files.append(report.write_report(folder / "report.html", session.run, image, settings))
+    files.append(
+        report.write_report(folder / "report.html", run, image, settings, previewer=models.previewer(session.model))
+    )
     return {"files": [str(f) for f in files]}
 
 
@@ -190,7 +202,7 @@ def token_chips(run) -> list[tuple[str, str | None]]:
     return chips
 
 
-def run_notes(session: Session) -> str:
+def run_notes(session: Session, previewer: Previewer | None = None) -> str:
     run, info = session.run, session.run.info
     h, w = run.image_size
     guidance = f"guidance {info.guidance_scale:g}" + ("" if info.cfg else " (off)")
@@ -201,7 +213,7 @@ def run_notes(session: Session) -> str:
     if session.partial:
         lines.append(
             f"**Stopped part-way**: the views below show the {run.num_steps} steps that ran; the picture is "
-            f"their last guess of the clean image (x0, decoded by the VAE)."
+            f"their last guess of the clean image (x0, {previewer.label if previewer else 'decoded'})."
         )
     if not run.words:
         lines.append("Empty prompt: this image was generated unconditionally, so there are no words to map.")
@@ -349,7 +361,11 @@ class Panel:
         files_in = [app.word, *app.view.inputs(), app.session]
         # preprocess=False: the word chips' choices are per session (see words.py)
         self.files_button.click(
-            handler(downloads, {"files": self.files}), files_in, self.files, api_name="downloads", preprocess=False
+            handler(downloads, {"files": self.files}, models=app.models),
+            files_in,
+            self.files,
+            api_name="downloads",
+            preprocess=False,
         )
 
 
