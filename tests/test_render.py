@@ -156,3 +156,25 @@ def test_region_bars_tick_labels_never_run_into_each_other(top):
     )
     assert len(boxes) >= 3
     assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))
+
+
+def test_previews_use_a_local_taesd_when_the_vae_is_costly_and_never_download(sd1_pipe, tmp_path, monkeypatch):
+    from sdviz import preview
+    from sdviz.random_models import build_tiny_autoencoder
+
+    _, run = sdviz.generate(sd1_pipe, sdviz.Settings("a red circle", steps=2, width=64, height=64))
+    assert preview.previewer(sd1_pipe).kind == "vae"  # the tiny test VAE is cheap: exact pictures
+    monkeypatch.setattr(preview, "EXACT_BUDGET", 0)  # as for SD's real VAE
+    monkeypatch.delenv(preview.TAESD_ENV, raising=False)
+    assert preview.previewer(sd1_pipe).kind == "linear"  # no TAESD on this machine, nothing downloaded
+    tiny = build_tiny_autoencoder()
+    tiny.save_pretrained(tmp_path / "taesd")
+    monkeypatch.setenv(preview.TAESD_ENV, str(tmp_path / "taesd"))
+    chosen = preview.previewer(sd1_pipe)
+    assert chosen.kind == "taesd" and "TAESD" in chosen.label
+    picture = chosen.picture(run, 1)
+    with torch.no_grad():  # the same as decoding the step's latent with that AutoencoderTiny by hand
+        expected = tiny.decode(run.x0[1][None] / tiny.config.scaling_factor).sample[0]
+    expected = ((expected.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).round().byte().numpy()
+    assert picture.shape == (64, 64, 3) and np.array_equal(picture, expected)
+    assert "taesd/x0/1" in run.decoded and "x0/1" not in run.decoded  # cached apart from exact decodes
