@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize, is_color_like, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .result import TraceResult
 
@@ -54,6 +56,44 @@ def overlay(image, heatmap: np.ndarray, cmap: str = "jet", alpha: float = 0.5, n
     return Image.blend(base, heat, alpha)
 
 
+def _font(size: int):
+    return ImageFont.load_default(size=size)
+
+
+def scaled_overlay(image, heatmap: np.ndarray, cmap: str = "jet", alpha: float = 0.5, vmax: float | None = None,
+                   min_side: int = 256) -> Image.Image:  # fmt: skip
+    """The overlay with its scale: colours from 0 to `vmax` (default: the map's own peak), a colour bar
+    with its values, and "peak · mean" under the picture, so a faint map reads as faint.
+
+    image: PIL or uint8 [H, W, 3]; heatmap: [h, w] values (e.g. attention probabilities). Small
+    images are enlarged pixel for pixel to at least `min_side`.
+    """
+    heat = np.asarray(heatmap, dtype=np.float32)
+    peak, mean = float(heat.max()), float(heat.mean())
+    top = float(vmax) if vmax is not None and vmax > 0 else (peak if peak > 0 else 1.0)
+    base = _pil(image)
+    factor = max(1, -(-min_side // max(base.size)))
+    base = base.resize((base.width * factor, base.height * factor), Image.NEAREST)
+    picture = overlay(base, np.clip(heat / top, 0, 1), cmap, alpha, normalize=False)
+    font, small = _font(15), _font(13)
+    bar_w, pad, caption_h = 16, 8, 24
+    labels = [f"{v:.3g}" for v in (top, top / 2, 0.0)]
+    text_w = max(int(ImageDraw.Draw(picture).textlength(t, font=small)) for t in labels) + 6
+    canvas = Image.new("RGB", (picture.width + pad + bar_w + text_w, picture.height + caption_h), "white")
+    canvas.paste(picture, (0, 0))
+    ramp = matplotlib.colormaps[cmap](np.linspace(1, 0, picture.height))[:, :3]  # top = vmax
+    strip = Image.fromarray((np.repeat(ramp[:, None], bar_w, axis=1) * 255).round().astype(np.uint8))
+    x0 = picture.width + pad
+    canvas.paste(strip, (x0, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle([x0, 0, x0 + bar_w - 1, picture.height - 1], outline=(90, 90, 90))
+    for text, y in zip(labels, (0, picture.height // 2, picture.height - 1)):
+        draw.line([(x0 + bar_w, y), (x0 + bar_w + 3, y)], fill=(60, 60, 60))
+        draw.text((x0 + bar_w + 5, min(max(y - 7, 0), picture.height - 15)), text, fill=(30, 30, 30), font=small)
+    draw.text((2, picture.height + 4), f"peak {peak:.3g} · mean {mean:.3g}", fill=(30, 30, 30), font=font)
+    return canvas
+
+
 def word_grid(
     run: TraceResult,
     image,
@@ -62,22 +102,35 @@ def word_grid(
     cmap: str = "jet",
     alpha: float = 0.5,
     negative: bool = False,
+    shared_scale: bool = True,
     **filters,
 ) -> Figure:
-    """One overlay per word (all words by default), titled with the word, in a grid."""
+    """One overlay per word (all words by default), titled with the word and its peak, in a grid.
+
+    shared_scale: every tile coloured from 0 to the largest peak of all (one colour bar), so "a"
+    looks as faint as its attention is; False: each tile from 0 to its own peak (said in its title).
+    """
     words = words or [w.text for w in (run.negative_words if negative else run.words)]
     if not words:
         raise ValueError("the prompt has no words to show")
+    maps = [run.heatmap(word, negative=negative, **filters) for word in words]
+    top = max(float(m.max()) for m in maps) or 1.0
     cols = min(cols, len(words))
     rows = math.ceil(len(words) / cols)
-    fig = Figure(figsize=(2.2 * cols, 2.4 * rows))
-    for i, word in enumerate(words):
+    fig = Figure(figsize=(2.4 * cols + (0.8 if shared_scale else 0), 2.6 * rows))
+    for i, (word, heat) in enumerate(zip(words, maps)):
         ax = fig.add_subplot(rows, cols, i + 1)
-        heat = run.heatmap(word, negative=negative, **filters)
-        ax.imshow(overlay(image, heat, cmap, alpha))
-        ax.set_title(word, fontsize=11)
+        scale = top if shared_scale else (float(heat.max()) or 1.0)
+        ax.imshow(overlay(image, np.clip(heat / scale, 0, 1), cmap, alpha, normalize=False))
+        ax.set_title(f"{word}\npeak {heat.max():.2g}" + ("" if shared_scale else " (own scale)"), fontsize=FONT)
         ax.axis("off")
-    fig.tight_layout()
+    if shared_scale:
+        mappable = ScalarMappable(norm=Normalize(0, top), cmap=cmap)
+        bar = fig.colorbar(mappable, ax=fig.axes, fraction=0.03, pad=0.02)
+        bar.set_label("attention probability (one scale for all)", fontsize=TICKS)
+        bar.ax.tick_params(labelsize=TICKS)
+    else:
+        fig.tight_layout()
     return fig
 
 
@@ -204,22 +257,47 @@ def schedule_chart(run: TraceResult, dpi: int = 100) -> ScheduleChart:
     return ScheduleChart(image, xs, top, bottom)
 
 
+def word_colours(words: list[str]) -> list:
+    """A colour per word: a colour word in its own colour ("red" red), the others from a qualitative
+    palette, skipping shades too close to the colour words already used."""
+    named = {w: to_rgb(w) for w in words if w.isalpha() and is_color_like(w) and w.lower() not in ("c", "k", "w")}
+    palette = [c[:3] for c in matplotlib.colormaps["tab20"](np.arange(20))]
+    free = [c for c in palette if all(np.abs(np.subtract(c, v)).sum() > 0.45 for v in named.values())] or palette
+    out, k = [], 0
+    for w in words:
+        if w in named:
+            out.append(named[w])
+        else:
+            out.append(free[k % len(free)])
+            k += 1
+    return out
+
+
 def attention_over_time(run: TraceResult, negative: bool = False, **filters) -> Figure:
-    """Each word's share of the attention paid to words, per step (stacked; see `word_shares`)."""
+    """Each word's share of the attention paid to words, per step (stacked; see `word_shares`).
+
+    A word that occurs twice ("a … and a …") is one band holding both occurrences; colour words are
+    drawn in their own colour.
+    """
     shares = run.word_shares(negative=negative, **filters)  # [S, n_words]
-    words = run.negative_words if negative else run.words
+    texts = [w.text for w in (run.negative_words if negative else run.words)]
+    distinct = list(dict.fromkeys(texts))
+    merged = np.stack([shares[:, [i for i, t in enumerate(texts) if t == w]].sum(1) for w in distinct])  # [n, S]
     steps = np.arange(1, len(shares) + 1)
-    fig = Figure(figsize=(6.4, 3.2))
+    fig = Figure(figsize=(8.5, 4.2))
     ax = fig.add_subplot(1, 1, 1)
-    colours = matplotlib.colormaps["tab20"](np.arange(len(words)) % 20)
-    ax.stackplot(steps, shares.T, labels=[w.text for w in words], colors=colours, alpha=0.9)
+    ax.stackplot(steps, merged, labels=distinct, colors=word_colours(distinct), alpha=0.9, edgecolor="white",
+                 linewidth=0.5)  # fmt: skip
     ax.set_xlim(1, max(len(shares), 2))
     ax.set_ylim(0, 1)
-    ax.set_xlabel("denoising step")
+    ax.set_xlabel("denoising step", fontsize=FONT)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("share of word attention")
-    ax.set_title("Attention over time: which words the image listens to at each step", fontsize=9)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    ax.set_ylabel("share of word attention", fontsize=FONT)
+    ax.tick_params(labelsize=TICKS)
+    ax.set_title("Attention over time: which words the image listens to at each step", fontsize=FONT)
+    handles, labels = ax.get_legend_handles_labels()  # top band first, as stacked
+    ax.legend(handles[::-1], labels[::-1], loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=FONT,
+              frameon=False)  # fmt: skip
     fig.tight_layout()
     return fig
 

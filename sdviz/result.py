@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -196,6 +197,8 @@ class TraceResult:
         hits = [i for w in words if w.text.lower() == wanted for i in w.tokens]
         if not hits:
             hits = [t.index for t in tokens if t.text.lower() == wanted]
+        if not hits and re.fullmatch(r"#\d+", wanted):  # "#5": the token at position 5, as the app's chips name it
+            return self.token_indices(int(wanted[1:]), negative)
         which = "negative prompt" if negative else "prompt"
         if not hits and (self.info.negative_tokens_from if negative else self.info.tokens_from) == "index":
             raise KeyError(

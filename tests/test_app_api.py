@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import re
 import threading
 import time
@@ -17,13 +16,12 @@ from PIL import Image
 import sdviz
 from sdviz import TraceResult
 from sdviz.attention import CrossAttentionRecorder
-from sdviz.preview import latent_rgb_factors
-from sdviz.ui.streaming import live_preview
 
 STEPS = 6
 VIEW = dict(negative=False, opacity=0.5, colormap="jet", from_step=1, to_step=STEPS, blocks=["down", "mid", "up"],
             resolutions=[], layers=[], head=-1)  # fmt: skip
 GENERATE_OUT = ["preview", "progress", "image", "seed", "tokens", "notes"]
+WORDS = dict(negative=False, opacity=0.5, colormap="jet", special_tokens=False, single_tokens=False)
 
 
 def form(server, prompt, **change) -> dict:
@@ -37,12 +35,13 @@ def form(server, prompt, **change) -> dict:
 def generate(client, server, prompt, **change):
     """/generate, then /words as the page does after a run → dict of the outputs by name."""
     out = dict(zip(GENERATE_OUT, client.predict(**form(server, prompt, **change), api_name="/generate")))
-    words, heat = client.predict(negative=False, opacity=0.5, colormap="jet", api_name="/words")
-    return {**out, "words": words, "heatmap": heat}
+    words, heat, caption = client.predict(**WORDS, api_name="/words")
+    return {**out, "words": words, "heatmap": heat, "caption": caption}
 
 
 def heatmap(client, word, **view):
-    return client.predict(word=word, **{**VIEW, **view}, api_name="/heatmap")
+    """The /heatmap picture (its caption is the second output)."""
+    return client.predict(word=word, **{**VIEW, **view}, api_name="/heatmap")[0]
 
 
 def step(client, number, word="red", follow=False, **view):
@@ -85,7 +84,7 @@ def test_generate_returns_final_image_tokens_words_and_heatmap(client, app_serve
     assert out["words"]["value"] in words
     chips = [t["token"] for t in out["tokens"] if t["class_or_confidence"]]
     assert chips[0] == "<|startoftext|>" and chips[-1] == "<|endoftext|>" and "circle" in chips
-    assert pixels(out["heatmap"]).shape == (64, 64, 3)
+    assert pixels(out["heatmap"]).shape[0] >= 256 and "Heatmap of the “" in out["caption"]  # enlarged, with its scale
     assert f"{STEPS} steps" in out["notes"]
 
 
@@ -121,7 +120,7 @@ def test_word_and_filter_changes_rerender_without_running_the_model(client, app_
     assert not np.array_equal(red, early) and not np.array_equal(red, up_only)
     faint = pixels(heatmap(client, "red", opacity=0.1, colormap="gray"))
     assert not np.array_equal(red, faint)
-    grid = client.predict(**VIEW, api_name="/word_grid")
+    grid = client.predict(**VIEW, one_scale=True, api_name="/word_grid")
     over_time = client.predict(**{k: v for k, v in VIEW.items() if k not in ("opacity", "colormap")},
                                api_name="/over_time")  # fmt: skip
     assert pixels(grid).shape[1] > 64 and pixels(over_time).size > 0
@@ -144,7 +143,9 @@ def test_downloads_give_image_heatmap_trace_and_report(client, app_server):
     generate(client, app_server, "a red circle on the left")
     files = client.predict(word="circle", **VIEW, api_name="/downloads")
     names = {f.rsplit("/", 1)[-1]: f for f in files}
-    assert set(names) == {"image.png", "heatmap-circle.png", "trace.safetensors", "report.html"}
+    assert set(names) == {"image.png", "heatmap-circle.png", "heatmaps.npz", "trace.safetensors", "report.html"}
+    maps = np.load(names["heatmaps.npz"])
+    assert set(maps.files) == {"a", "red", "circle", "on", "the", "left"} and maps["circle"].shape == (64, 64)
     run = TraceResult.load(names["trace.safetensors"])
     assert [w.text for w in run.words] == ["a", "red", "circle", "on", "the", "left"]
     assert "circle" in Path(names["report.html"]).read_text(encoding="utf-8")
@@ -202,7 +203,7 @@ def test_emoji_and_non_latin_prompts_work(client, app_server):
     out = generate(client, app_server, "a 🐱 on the left and 東京 タワー")
     words = word_choices(out["words"])
     assert "🐱" in words and "東京" in words
-    assert pixels(heatmap(client, "🐱")).shape == (64, 64, 3)
+    assert pixels(heatmap(client, "🐱")).shape[0] >= 256
 
 
 def test_word_not_in_the_prompt_is_refused_with_the_prompt_words(client, app_server):
@@ -230,8 +231,8 @@ def test_step_outside_the_run_is_refused(client, app_server):
         lambda c: step(c, 1, "circle"),
         lambda c: c.predict(step=1, api_name="/decode"),
         lambda c: c.predict(word="circle", **VIEW, api_name="/downloads"),
-        lambda c: c.predict(**VIEW, api_name="/word_grid"),
-        lambda c: c.predict(negative=False, opacity=0.5, colormap="jet", api_name="/words"),
+        lambda c: c.predict(**VIEW, one_scale=True, api_name="/word_grid"),
+        lambda c: c.predict(**WORDS, api_name="/words"),
         lambda c: c.predict(
             negative=False,
             from_step=1,
@@ -331,27 +332,17 @@ def test_two_clients_at_once_each_get_only_their_own_words_and_maps(app_server):
     assert results["two"][0] == ["a", "yellow", "triangle", "at", "the", "top"]
 
 
-def test_live_previews_cost_at_most_5_percent_of_a_run(app_server):
-    """Previews are throttled to `previews_per_s` (5/s), whatever the step length: at that rate one
-    preview (render + the image encode Gradio does) must take under 10 ms for ≤ 5 % of the run time."""
-    import inspect
+def test_live_previews_show_the_same_picture_as_the_step_view(app_server):
+    """What the page streams during a run is the model's picture of that step's x0 (for the built-in
+    model its exact VAE decode), not another image. What previews cost is in the benchmark."""
+    from sdviz.ui.streaming import _live_pictures
 
-    from sdviz.ui.streaming import generate_streaming
-
-    rate = inspect.signature(generate_streaming).parameters["previews_per_s"].default
-    pipe = app_server.pipe
-    with app_server.models.using(app_server.name):
-        _, run = sdviz.generate(
-            pipe, sdviz.Settings("a red circle", steps=4, width=64, height=64, seed=0, scheduler="DDIM")
-        )
-    factors = latent_rgb_factors(pipe)
-    latent = run.x0[-1]
-    live_preview(latent, factors).save(io.BytesIO(), "webp")  # warm-up
-    start = time.perf_counter()
-    for _ in range(20):
-        live_preview(latent, factors).save(io.BytesIO(), "webp")
-    preview_s = (time.perf_counter() - start) / 20
-    assert preview_s * rate < 0.05, preview_s
+    pipe, models = app_server.pipe, app_server.models
+    with models.using(app_server.name):
+        _, run = sdviz.generate(pipe, sdviz.Settings("a red circle", steps=4, width=64, height=64, seed=0,
+                                                     scheduler="DDIM"))  # fmt: skip
+    live = _live_pictures(models, app_server.name)(run.x0[2])
+    assert np.array_equal(live, models.previewer(app_server.name).picture(run, 2))
 
 
 # -- the HTTP API speaks the page's words ---------------------------------------------------------------
@@ -360,7 +351,8 @@ API = {
     "/generate": ["model", "prompt", "negative_prompt", "scheduler", "steps", "guidance", "seed", "random_seed",
                   "width", "height", "keep_heads"],
     "/heatmap": ["word", *VIEW_NAMES],
-    "/word_grid": VIEW_NAMES,
+    "/word_grid": [*VIEW_NAMES, "one_scale"],
+    "/words": ["negative", "opacity", "colormap", "special_tokens", "single_tokens"],
     "/step": ["step", "follow", "word", *VIEW_NAMES],
     "/downloads": ["word", *VIEW_NAMES],
     "/decode": ["step"],

@@ -94,7 +94,7 @@ def test_stop_ends_the_run_with_its_steps_kept_and_marked_partial(models):
     assert f"Stopped at step {session.run.num_steps} of 30" in last["progress"]
     assert "Stopped part-way" in last["notes"]
     assert last["image"].shape == (SIZE, SIZE, 3)  # the last x0, decoded
-    assert words.heatmap("circle", **DRAW, **{**ALL, "to_step": 30}, session=session)["heatmap"].size == (SIZE, SIZE)
+    assert words.heatmap("circle", **DRAW, **{**ALL, "to_step": 30}, session=session)["heatmap"].width >= 256
 
 
 def test_bad_form_input_raises_the_library_message(models):
@@ -112,7 +112,7 @@ def test_the_built_in_model_note_lists_what_it_can_draw():
 
 # -- words ----------------------------------------------------------------------------------------------
 def test_words_panel_shows_chips_maps_grid_and_ranks_a_clicked_region(stored):
-    out = words.words(False, 0.5, "jet", stored)
+    out = words.words(False, 0.5, "jet", False, False, stored)
     assert [v for _, v in out["word"].choices] == [
         "a",
         "red",
@@ -125,15 +125,19 @@ def test_words_panel_shows_chips_maps_grid_and_ranks_a_clicked_region(stored):
         "square",
     ]
     assert out["word"].value == strongest_word(stored.run)
-    red = np.asarray(words.heatmap("red", **DRAW, **ALL, session=stored)["heatmap"])
+    shown = words.heatmap("red", **DRAW, **ALL, session=stored)
+    assert shown["caption"].startswith("Heatmap of the “red” · all 4 steps")
+    red = np.asarray(shown["heatmap"])
     blue = np.asarray(words.heatmap("blue", **DRAW, **ALL, session=stored)["heatmap"])
     early = np.asarray(words.heatmap("red", **DRAW, **{**ALL, "to_step": 1}, session=stored)["heatmap"])
-    assert red.shape == (SIZE, SIZE, 3) and not np.array_equal(red, blue) and not np.array_equal(red, early)
-    assert words.word_grid(**DRAW, **ALL, session=stored)["grid"].width > SIZE
-    assert [v for _, v in words.words(True, 0.5, "jet", stored)["word"].choices] == ["blurry"]
+    assert (
+        red.shape[0] >= 256 and not np.array_equal(red, blue) and not np.array_equal(red, early)
+    )  # enlarged, with its scale
+    assert words.word_grid(**DRAW, **ALL, one_scale=True, session=stored)["grid"].width > SIZE
+    assert [v for _, v in words.words(True, 0.5, "jet", False, False, stored)["word"].choices] == ["blurry"]
     ranked = words.ask(0.2, 0.5, **ALL, session=stored)["ask_plot"]
     assert isinstance(ranked, Image.Image)
-    shown = words.show_run(stored, 0.5, "jet")
+    shown = words.show_run(stored, 0.5, "jet", False, False, True)
     assert shown["to_step"].maximum == STEPS and shown["ask_image"].width >= words.ASK_MIN_SIDE
 
 
@@ -193,7 +197,7 @@ def test_compare_panel_plans_checks_and_redraws_stored_variants(sd1_pipe, models
 # -- the house rules ------------------------------------------------------------------------------------
 def test_every_panel_requires_a_run_with_one_message():
     calls = [
-        lambda: words.words(False, 0.5, "jet", None),
+        lambda: words.words(False, 0.5, "jet", False, False, None),
         lambda: steps.show_run(None, models=None),
         lambda: over_time.show_run(None),
         lambda: generate.downloads("a", **DRAW, **ALL, session=None, models=None),

@@ -6,6 +6,7 @@ KeyError with the library's teaching messages; `wiring.handler` turns those into
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,12 +81,29 @@ FUNCTION_WORDS = frozenset("a an the and of on in at to with above below under o
 
 
 def strongest_word(run: TraceResult) -> str | None:
-    """The content word that got the largest share of attention over the run: a telling first heatmap."""
+    """The content word that got the largest share of attention over the run: a telling first heatmap.
+
+    Words the model doesn't know (see `unknown_words`) are passed over: their maps mean nothing."""
     if not run.words or not run.attention:
         return None
     shares = run.word_shares().mean(0)
-    content = [i for i, w in enumerate(run.words) if w.text.lower() not in FUNCTION_WORDS] or range(len(run.words))
-    return run.words[max(content, key=lambda i: shares[i])].text
+    unknown = set(unknown_words(run))
+    content = [i for i, w in enumerate(run.words) if w.text.lower() not in FUNCTION_WORDS | unknown]
+    return run.words[max(content or range(len(run.words)), key=lambda i: shares[i])].text
+
+
+def unknown_words(run: TraceResult) -> list[str]:
+    """Words of the prompt outside the built-in model's vocabulary (none for other models: real SD reads
+    any text, splitting rare words into pieces it knows)."""
+    from pathlib import Path
+
+    from ..loading import TOY_MODEL_DIR
+    from ..toy.world import WORDS
+
+    model = run.info.model
+    if not model or not Path(model).exists() or Path(model).resolve() != TOY_MODEL_DIR.resolve():
+        return []
+    return list(dict.fromkeys(w.text for w in run.words if w.text.lower() not in WORDS))
 
 
 def heatmap_image(
@@ -103,4 +121,19 @@ def heatmap_image(
     if step is not None:
         kwargs["steps"] = step
     heat = run.heatmap(word, size="image", negative=negative, **kwargs)
-    return render.overlay(session.image, heat, colormap, float(opacity))
+    return render.scaled_overlay(session.image, heat, colormap, float(opacity))
+
+
+def describe(run: TraceResult, word: str, filters: Filters, negative: bool = False) -> str:
+    """What a map shows, for its caption: “red” · steps 1–20 of 20 · 7 of 7 layers (16×16, 8×8) · mean of heads."""
+    n = run.num_steps
+    steps = f"all {n} steps" if filters.steps is None else f"steps {filters.steps[0] + 1}–{filters.steps[1]} of {n}"
+    chosen = run.select_layers(filters.layers, filters.blocks, filters.resolutions)
+    sides = ", ".join(f"{s}×{s}" for s in sorted({layer.height for layer in chosen}, reverse=True))
+    heads = "mean of all heads" if filters.heads is None else "head " + ", ".join(str(h + 1) for h in filters.heads)
+    which = "negative prompt's " if negative else ""
+    if re.fullmatch(r"#\d+", str(word).strip()):  # a single token, as the chips name it
+        index = int(str(word).strip()[1:])
+        tokens = run.negative_tokens if negative else run.tokens
+        word = next((f"{t.text} (token #{t.index})" for t in tokens if t.index == index), word)
+    return f"Heatmap of the {which}“{word}” · {steps} · {len(chosen)} of {len(run.layers)} layers ({sides}) · {heads}"

@@ -43,6 +43,7 @@ class Panel:
             [*inputs, app.session],
             self.plot,
             api_name="over_time",
+            preprocess=False,  # slider maxima are per run: a request for a longer run than the page's must pass
             trigger_mode="always_last",
             show_progress="hidden",
         )

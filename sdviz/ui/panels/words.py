@@ -1,14 +1,24 @@
-"""Which words attend where: a heatmap per word over the image, a grid of all words, the filters every
-map shares (steps, blocks, resolutions, layers, heads) and "ask the image". API: /words, /heatmap,
-/word_grid. Everything re-renders from the stored trace; the model does not run again."""
+"""Which words attend where: a heatmap per word (or token) over the image with its colour scale, a grid of
+all words on one scale, the filters every map shares (steps, blocks, resolutions, layers, heads) and
+"ask the image". API: /words, /heatmap, /word_grid. Everything re-renders from the stored trace; the
+model does not run again."""
 
 from __future__ import annotations
 
 import gradio as gr
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ... import render
-from ..session import BLOCKS, Session, filters_from_form, heatmap_image, require, strongest_word, words_of
+from ..session import (
+    BLOCKS,
+    Session,
+    describe,
+    filters_from_form,
+    heatmap_image,
+    require,
+    strongest_word,
+    words_of,
+)
 from ..wiring import App, View, handler
 
 TITLE, ID = "Which words attend where", "words"
@@ -23,22 +33,52 @@ Click a word to see its map; the grid shows all of them at once. Changing a word
 re-renders from the stored trace — the model does not run again."""
 
 ASK = """**Ask the image.** Click a point on this image: the bars rank the words by how much the pixels
-around the click attended to them (the reverse question of a heatmap)."""
+around the click (the box drawn) attended to them — the reverse question of a heatmap. A word that occurs
+twice is listed twice, the second as “word (#2)”."""
+
+LAYERS_INFO = (
+    "e.g. up1.a2.t0 (16×16) = up block 1, its attention module 2, transformer block 0, working at "
+    "16×16 latent pixels; only layers in the chosen blocks and resolutions are listed"
+)
 
 
 # -- handlers ---------------------------------------------------------------------------------------
-def words(negative: bool, opacity: float, colormap: str, session) -> dict:
-    """The last run's words (or its negative prompt's) as chips, and the strongest one's map."""
+def chips(run, negative: bool = False, special_tokens: bool = False, single_tokens: bool = False) -> list:
+    """The choices of the word chips, (label, value): each distinct word, or with `single_tokens` each
+    token ("astr (#3)" → "#3"); `special_tokens` adds <|startoftext|> and <|endoftext|>."""
+    tokens = run.negative_tokens if negative else run.tokens
+    if not single_tokens:
+        choices = [(w, w) for w in words_of(run, negative)]
+        specials = [(t.text, f"#{t.index}") for t in tokens if t.special] if special_tokens else []
+        return specials[:1] + choices + specials[1:]
+    return [(f"{t.text} (#{t.index})", f"#{t.index}") for t in tokens if special_tokens or not t.special]
+
+
+def words(negative: bool, opacity: float, colormap: str, special_tokens: bool, single_tokens: bool, session) -> dict:
+    """The last run's words (or its negative prompt's, or tokens) as chips, and the strongest one's map."""
     session = require(session)
     run = session.run
-    choices = words_of(run, negative)
-    if negative and not choices:
+    choices = chips(run, negative, special_tokens, single_tokens)
+    if negative and not words_of(run, True):
         raise ValueError("this run had no negative prompt: type one (and keep guidance above 1), then generate again")
-    first = (strongest_word(run) if not negative else choices[0]) if choices else None
+    first = strongest_word(run) if not negative else (words_of(run, True) or [None])[0]
+    if first is not None and single_tokens:
+        first = f"#{run.token_indices(first, negative)[-1]}"
     full = filters_from_form(run, None, None, None, None, None, None)
     return {
         "word": gr.Radio(choices=choices, value=first),
-        "heatmap": heatmap_image(session, first, negative, full, opacity, colormap) if first else None,
+        **(
+            heatmap_out(session, first, negative, full, opacity, colormap)
+            if first
+            else {"heatmap": None, "caption": ""}
+        ),
+    }
+
+
+def heatmap_out(session: Session, word: str, negative: bool, filters, opacity, colormap) -> dict:
+    return {
+        "heatmap": heatmap_image(session, word, negative, filters, opacity, colormap),
+        "caption": describe(session.run, word, filters, negative),
     }
 
 
@@ -58,7 +98,7 @@ def heatmap(
     """One word's map over the image, averaged over the chosen steps, blocks, resolutions, layers and heads."""
     session = require(session)
     filters = filters_from_form(session.run, from_step, to_step, blocks, resolutions, layers, head)
-    return {"heatmap": heatmap_image(session, word, negative, filters, opacity, colormap)}
+    return heatmap_out(session, word, negative, filters, opacity, colormap)
 
 
 def word_grid(
@@ -71,9 +111,10 @@ def word_grid(
     resolutions: list,
     layers: list,
     head,
+    one_scale: bool,
     session,
 ) -> dict:
-    """Every word's map side by side, with the same filters."""
+    """Every word's map side by side, with the same filters, on one colour scale unless asked otherwise."""
     session = require(session)
     run = session.run
     filters = filters_from_form(run, from_step, to_step, blocks, resolutions, layers, head)
@@ -87,17 +128,45 @@ def word_grid(
         cmap=colormap,
         alpha=float(opacity),
         negative=negative,
+        shared_scale=bool(one_scale),
         size="image",
         **filters.kwargs(),
     )
     return {"grid": render.to_image(fig)}
 
 
-def ask_canvas(session: Session) -> Image.Image:
-    """The final image enlarged pixel for pixel to at least ASK_MIN_SIDE, for clicking on."""
+def narrow_layers(blocks: list, resolutions: list, layers: list, session) -> dict:
+    """The layer choices that pass the chosen blocks and resolutions (chosen layers outside them drop)."""
+    if session is None:
+        return {"layers": gr.skip()}
+    run = session.run
+    wanted = {int(r) for r in resolutions or []}
+    fits = [layer for layer in run.layers if layer.block in (blocks or []) and (not wanted or layer.height in wanted)]
+    names = {layer.name for layer in fits}
+    return {
+        "layers": gr.Dropdown(
+            choices=[(layer.short, layer.name) for layer in fits],
+            value=[v for v in layers or [] if v in names],
+            multiselect=True,
+        )
+    }
+
+
+def ask_canvas(session: Session, point: tuple[float, float] | None = None) -> Image.Image:
+    """The final image enlarged pixel for pixel to at least ASK_MIN_SIDE, for clicking on; `point`
+    (fractions of the image) is marked with the box the ranking averages over."""
     h, w = session.image.shape[:2]
     scale = max(1, -(-ASK_MIN_SIDE // max(h, w)))
-    return Image.fromarray(session.image).resize((w * scale, h * scale), Image.NEAREST)
+    canvas = Image.fromarray(session.image).resize((w * scale, h * scale), Image.NEAREST)
+    if point is not None:
+        x, y = point[0] * canvas.width, point[1] * canvas.height
+        rx, ry = ASK_RADIUS * canvas.width, ASK_RADIUS * canvas.height
+        draw = ImageDraw.Draw(canvas)
+        for width, colour in ((5, (255, 255, 255)), (2, (0, 0, 0))):
+            draw.rectangle([x - rx, y - ry, x + rx, y + ry], outline=colour, width=width)
+            draw.line([(x - 6, y), (x + 6, y)], fill=colour, width=width)
+            draw.line([(x, y - 6), (x, y + 6)], fill=colour, width=width)
+    return canvas
 
 
 def ask(x: float, y: float, from_step, to_step, blocks, resolutions, layers, head, session) -> dict:
@@ -110,8 +179,11 @@ def ask(x: float, y: float, from_step, to_step, blocks, resolutions, layers, hea
     box = tuple(min(max(v, 0.0), 1.0) for v in (x - ASK_RADIUS, y - ASK_RADIUS, x + ASK_RADIUS, y + ASK_RADIUS))
     scores = run.region_scores(box, **filters.kwargs())
     # No title: the panel's label and buttons sit over the image's top edge.
-    label = f"mean attention probability\naround ({x:.2f}, {y:.2f})"
-    return {"ask_plot": render.to_image(render.region_bars(scores, title=None, xlabel=label))}
+    label = f"mean attention probability\nin the box around ({x:.2f}, {y:.2f})"
+    return {
+        "ask_plot": render.to_image(render.region_bars(scores, title=None, xlabel=label)),
+        "ask_image": ask_canvas(session, (x, y)),
+    }
 
 
 def on_click(evt: gr.SelectData, from_step, to_step, blocks, resolutions, layers, head, session) -> dict:
@@ -121,7 +193,9 @@ def on_click(evt: gr.SelectData, from_step, to_step, blocks, resolutions, layers
     return ask(x / canvas.width, y / canvas.height, from_step, to_step, blocks, resolutions, layers, head, session)
 
 
-def show_run(session, opacity: float, colormap: str) -> dict:
+def show_run(
+    session, opacity: float, colormap: str, special_tokens: bool, single_tokens: bool, one_scale: bool
+) -> dict:
     """After a new run: its words, the filters reset to the whole run, the maps and the clickable image."""
     session = require(session)
     run = session.run
@@ -129,7 +203,7 @@ def show_run(session, opacity: float, colormap: str) -> dict:
     sides = sorted({layer.height for layer in run.layers}, reverse=True)
     kept = next(iter(run.attention.values()), None)
     heads = run.layers[0].heads if kept is not None and kept.ndim == 5 else 0
-    out = words(False, opacity, colormap, session)
+    out = words(False, opacity, colormap, special_tokens, single_tokens, session)
     return {
         **out,
         "negative": gr.Checkbox(value=False),
@@ -141,7 +215,7 @@ def show_run(session, opacity: float, colormap: str) -> dict:
         "head": gr.Dropdown(
             choices=[("mean of all heads", -1)] + [(f"head {i + 1}", i) for i in range(heads)], value=-1
         ),
-        **word_grid(False, opacity, colormap, 1, n, BLOCKS, [], [], -1, session),
+        **word_grid(False, opacity, colormap, 1, n, BLOCKS, [], [], -1, one_scale, session),
         "ask_image": ask_canvas(session),
         "ask_plot": None,
     }
@@ -153,30 +227,44 @@ class Panel:
         gr.Markdown(EXPLAIN, elem_classes="sdviz-explain")
         with gr.Row():
             self.word = gr.Radio([], label="Words (click one)", elem_id="sdviz-words", scale=4)
-            negative = gr.Checkbox(False, label="Negative prompt's words", scale=1)
+            with gr.Column(scale=1, min_width=200):
+                negative = gr.Checkbox(False, label="Negative prompt's words", elem_id="sdviz-negative")
+                self.special_tokens = gr.Checkbox(
+                    False, label="Show <|startoftext|> and <|endoftext|>", elem_id="sdviz-specials"
+                )
+                self.single_tokens = gr.Checkbox(
+                    False, label="Pick single tokens (pieces of words)", elem_id="sdviz-single-tokens"
+                )
         with gr.Row():
-            self.heatmap = gr.Image(
-                label="Heatmap over the final image",
-                interactive=False,
-                format="png",
-                elem_id="sdviz-heatmap",
-                height=340,
-                elem_classes="sdviz-fill",
-                buttons=["download", "fullscreen"],
-            )
-            self.grid = gr.Image(
-                label="All words",
-                interactive=False,
-                format="png",
-                elem_id="sdviz-grid",
-                height=340,
-                buttons=["download", "fullscreen"],
-            )
-        most = app.most_steps
+            with gr.Column():
+                self.caption = gr.Markdown("Heatmap over the final image", elem_id="sdviz-heatmap-caption")
+                self.heatmap = gr.Image(
+                    label="Heatmap over the final image",
+                    show_label=False,
+                    interactive=False,
+                    format="png",
+                    elem_id="sdviz-heatmap",
+                    height=360,
+                    buttons=["download", "fullscreen"],
+                )
+            with gr.Column():
+                self.grid = gr.Image(
+                    label="All words",
+                    show_label=False,
+                    interactive=False,
+                    format="png",
+                    elem_id="sdviz-grid",
+                    height=360,
+                    buttons=["download", "fullscreen"],
+                )
+                self.one_scale = gr.Checkbox(
+                    True, label="One colour scale for all words (a faint word looks faint)", elem_id="sdviz-one-scale"
+                )
+        steps = app.models.preset(app.models.default).steps
         with gr.Accordion("Filters and display", open=True):
             with gr.Row():
-                from_step = gr.Slider(1, most, value=1, step=1, label="From step", elem_id="sdviz-from-step")
-                to_step = gr.Slider(1, most, value=most, step=1, label="To step", elem_id="sdviz-to-step")
+                from_step = gr.Slider(1, steps, value=1, step=1, label="From step", elem_id="sdviz-from-step")
+                to_step = gr.Slider(1, steps, value=steps, step=1, label="To step", elem_id="sdviz-to-step")
                 opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity")
                 colormap = gr.Dropdown(COLORMAPS, value="jet", label="Colormap")
             with gr.Row():
@@ -184,7 +272,9 @@ class Panel:
                 resolutions = gr.Dropdown(
                     [], multiselect=True, allow_custom_value=True, label="Resolutions (empty = all)"
                 )
-                layers = gr.Dropdown([], multiselect=True, allow_custom_value=True, label="Layers (empty = all)")
+                layers = gr.Dropdown(
+                    [], multiselect=True, allow_custom_value=True, label="Layers (empty = all)", info=LAYERS_INFO
+                )
                 head = gr.Dropdown([("mean of all heads", -1)], value=-1, allow_custom_value=True, label="Heads")
         with gr.Row():
             with gr.Column():
@@ -201,41 +291,52 @@ class Panel:
     def wire(self, app: App):
         view = app.view
         filters = [view.from_step, view.to_step, view.blocks, view.resolutions, view.layers, view.head]
-        words_out = {"word": self.word, "heatmap": self.heatmap}
-        view.negative.input(
+        chip_options = [self.special_tokens, self.single_tokens]
+        words_out = {"word": self.word, "heatmap": self.heatmap, "caption": self.caption}
+        heat_out = {"heatmap": self.heatmap, "caption": self.caption}
+        gr.on(
+            [view.negative.input, self.special_tokens.input, self.single_tokens.input],
             handler(words, words_out),
-            [view.negative, view.opacity, view.colormap, app.session],
+            [view.negative, view.opacity, view.colormap, *chip_options, app.session],
             list(words_out.values()),
             api_name="words",
         )
         gr.on(
             [self.word.input, *view.filter_triggers()],
-            handler(heatmap, {"heatmap": self.heatmap}),
+            handler(heatmap, heat_out),
             [self.word, *view.inputs(), app.session],
-            self.heatmap,
+            list(heat_out.values()),
             api_name="heatmap",
             preprocess=False,  # the word chips' choices are per session: a fresh session must hear "generate first"
             trigger_mode="always_last",
             show_progress="hidden",
         )
         gr.on(
-            [view.negative.input, *view.filter_triggers()],
+            [view.negative.input, self.one_scale.input, *view.filter_triggers()],
             handler(word_grid, {"grid": self.grid}),
-            [*view.inputs(), app.session],
+            [*view.inputs(), self.one_scale, app.session],
             self.grid,
             api_name="word_grid",
+            preprocess=False,  # slider maxima are per run: a request for a longer run than the page's must pass
             trigger_mode="always_last",
             show_progress="hidden",
         )
-        self.ask_image.select(
-            handler(on_click, {"ask_plot": self.ask_plot}),
-            [*filters, app.session],
-            self.ask_plot,
+        gr.on(
+            [view.blocks.input, view.resolutions.input],
+            handler(narrow_layers, {"layers": view.layers}),
+            [view.blocks, view.resolutions, view.layers, app.session],
+            view.layers,
             api_visibility="private",
+            show_progress="hidden",
+        )
+        ask_out = {"ask_plot": self.ask_plot, "ask_image": self.ask_image}
+        self.ask_image.select(
+            handler(on_click, ask_out), [*filters, app.session], list(ask_out.values()), api_visibility="private"
         )
         run_out = {
             "word": self.word,
             "heatmap": self.heatmap,
+            "caption": self.caption,
             "grid": self.grid,
             "ask_image": self.ask_image,
             "ask_plot": self.ask_plot,
@@ -247,4 +348,8 @@ class Panel:
             "layers": view.layers,
             "head": view.head,
         }
-        app.after_run(handler(show_run, run_out), [app.session, view.opacity, view.colormap], list(run_out.values()))
+        app.after_run(
+            handler(show_run, run_out),
+            [app.session, view.opacity, view.colormap, *chip_options, self.one_scale],
+            list(run_out.values()),
+        )
