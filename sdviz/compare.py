@@ -170,8 +170,8 @@ def _step_image(run: TraceResult, step: int, which: str, vae, previewer) -> np.n
 
 def _step_label(vae, previewer) -> str:
     if vae is not None:
-        return "VAE decode"
-    return previewer.label if previewer is not None else "fast preview"
+        return "exact VAE decode"
+    return previewer.label if previewer is not None else "fast linear preview"
 
 
 def _off(ax):

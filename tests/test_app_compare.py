@@ -116,22 +116,20 @@ def test_step_and_word_changes_redraw_without_running_the_model(client, app_serv
         view(client, "zebra", 4)
 
 
-def test_exact_decode_redraws_x0_with_the_vae_and_never_the_unet(client, app_server):
+def test_x0_row_is_the_exact_decode_for_a_cheap_vae_cached_and_never_runs_the_unet(client, app_server):
     run_compare(client, app_server, vary="seed", values="0, 1")
     unet = len(app_server.unet_calls)
+    assert app_server.models.previewer(app_server.name).kind == "vae"  # the offline model's VAE is cheap
     decodes = []
     hook = app_server.pipe.vae.decoder.register_forward_pre_hook(lambda module, args: decodes.append(args[0].shape))
     try:
-        fast, exact = view(client, "circle", 2), view(client, "circle", 2, exact=True)
-        assert len(decodes) == 2  # x0 of step 2, once per variant
-        assert np.array_equal(view(client, "circle", 2, exact=True), exact) and len(decodes) == 2  # cached
+        shown = view(client, "circle", 2)
+        assert len(decodes) == 2  # x0 of step 2, once per variant, by the VAE itself
+        exact = view(client, "circle", 2, exact=True)
+        assert np.array_equal(shown, exact) and len(decodes) == 2  # the same pictures, from the cache
     finally:
         hook.remove()
     assert len(app_server.unet_calls) == unet
-    # Same final images and heatmaps; only the x0 row (and its label) differ.
-    assert not np.array_equal(fast, exact)
-    rows = np.nonzero((fast != exact).any(axis=(1, 2)))[0]
-    assert fast.shape[0] / 3 < rows.min() and rows.max() < 2 * fast.shape[0] / 3
 
 
 # -- bad input ------------------------------------------------------------------------------------------
