@@ -152,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights' precision (default: float16 on GPUs; float32 on CPU, or bfloat16 for large "
         "models on CPUs with AMX)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch (default: 1 for small models such as the built-in one, every core for large "
+        "ones; also SDVIZ_THREADS). One thread is fastest on a shared CPU",
+    )
     return parser
 
 
@@ -384,8 +391,14 @@ def _run(args, parser) -> int:
     jobs = read_jobs(args)
 
     pipe = open_model(model, args.device, args.dtype)
+    try:
+        threads = loading.pick_threads(pipe, args.threads)
+    except ValueError as err:
+        parser.error(str(err))
     param = next(pipe.unet.parameters())
     device_label = f"{param.device.type}, {str(param.dtype).replace('torch.', '')}"
+    if param.device.type == "cpu":
+        device_label += f", {threads} thread{'s' if threads != 1 else ''}"
     batch = args.prompts is not None
     pictures = preview.previewer(pipe)  # how step pictures are drawn: the VAE when cheap, TAESD, or the linear map
     failures: list[tuple[Job, str]] = []
@@ -393,7 +406,8 @@ def _run(args, parser) -> int:
     try:
         for job in jobs_bar:
             try:
-                run_job(pipe, job, base, model, wanted, device_label, nested=batch, previewer=pictures)
+                with loading.cpu_threads(threads):
+                    run_job(pipe, job, base, model, wanted, device_label, nested=batch, previewer=pictures)
             except Exception as err:  # a batch goes on; the failure is reported at the end
                 failures.append((job, f"{type(err).__name__}: {err}"))
                 tqdm.write(f"failed: {_where(job)}: {err}", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -129,10 +130,6 @@ def measure_app(steps: int, repeats: int, prompt: str) -> dict:
     URLs; `Client(download_files=False)`), and with the client downloading the images too (the
     default `Client`). A no-op endpoint on a bare Gradio server gives the floor of a round trip.
     """
-    import os
-
-    import numpy as np
-
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
     from gradio_client import Client
@@ -234,6 +231,56 @@ def measure_previews(prompts: list[str], steps: int) -> dict:
     }  # fmt: skip
 
 
+def _busy(stop):  # a competing process: one core kept busy in pure Python, like a web server under load
+    while not stop.is_set():
+        sum(i * i for i in range(10_000))
+
+
+def measure_threads(repeats: int) -> dict:
+    """Median seconds of the built-in model's 20-step generation (guidance on) and of one SD1.5-size U-Net
+    step (random weights, 32×32 latent, batch 2), with 1 and 2 torch threads, on a quiet machine and with
+    one other busy process — interleaved, so the conditions alternate."""
+    import multiprocessing
+
+    from . import generate, load_pipeline
+    from .settings import Settings
+
+    toy = load_pipeline("toy")
+    toy.set_progress_bar_config(disable=True)
+    settings = Settings("a red circle on the left and a blue square", steps=20, guidance=4.0, width=64, height=64,
+                        scheduler="DDIM")  # fmt: skip
+    unet = build_random_pipeline("sd1", full=True).unet.eval()
+    sample, context = torch.randn(2, 4, 32, 32), torch.randn(2, 77, unet.config.cross_attention_dim)
+
+    def sd_step():
+        with torch.no_grad():
+            unet(sample, 500, encoder_hidden_states=context)
+
+    jobs = {"toy 20 steps": lambda: generate(toy, settings), "SD1.5 U-Net step": sd_step}
+    times: dict[tuple, list] = {}
+    for load in ("quiet", "busy"):
+        stop = multiprocessing.Event()
+        rival = multiprocessing.Process(target=_busy, args=(stop,), daemon=True) if load == "busy" else None
+        if rival:
+            rival.start()
+        try:
+            for _ in range(repeats):
+                for name, job in jobs.items():
+                    for threads in (1, 2):
+                        torch.set_num_threads(threads)
+                        if (name, threads, load) not in times:  # warm-up, once per condition
+                            job()
+                        start = time.perf_counter()
+                        job()
+                        times.setdefault((name, threads, load), []).append(time.perf_counter() - start)
+        finally:
+            stop.set()
+            if rival:
+                rival.join()
+    return {f"{name} | {threads} thread{'s' * (threads > 1)} | {load}": statistics.median(values)
+            for (name, threads, load), values in times.items()}  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sdviz.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -263,10 +310,24 @@ def main(argv=None) -> int:
         action="store_true",
         help="instead: the built-in model's linear preview against the exact VAE decode, over held-out captions",
     )
+    parser.add_argument(
+        "--thread-counts",
+        action="store_true",
+        help="instead: 1 vs 2 threads, quiet vs one other busy process, built-in model and an SD1.5-size U-Net",
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.thread_counts:
+        fig = measure_threads(args.repeats)
+        print(f"medians of {args.repeats} runs each (load average before: {os.getloadavg()[0]:.1f}):")
+        for key, seconds in fig.items():
+            print(f"  {key}: {seconds:.3f} s")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(fig, f, indent=2)
+        return 0
     if args.previews:
         from .toy.world import heldout_captions
 

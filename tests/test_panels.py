@@ -17,7 +17,7 @@ from sdviz import compare as library_compare
 from sdviz.ui import Models
 from sdviz.ui.models import RANDOM, RANDOM_PRESET
 from sdviz.ui.panels import compare, generate, how, over_time, steps, words
-from sdviz.ui.session import Session, strongest_word
+from sdviz.ui.session import Session, strongest_word, unknown_words
 from sdviz.ui.wiring import StopRequests
 
 STEPS = 4
@@ -245,3 +245,27 @@ def test_built_in_model_pictures_of_x0_match_the_final_image():
     assert error(generate.finished(session, models.previewer("toy"))["preview"]) <= 8
     linear = Image.fromarray(run.preview(run.num_steps - 1, "x0"))
     assert error(linear) > 8  # what the fast linear map alone shows: why the built-in model decodes exactly
+
+
+def test_models_not_on_this_server_are_marked_and_explained_before_anything_runs(models, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    choices = Models({RANDOM: RANDOM_PRESET, "sd15": sdviz.PRESETS["sd15"]}, loaded={RANDOM: models.pipeline(RANDOM)})
+    menu = {name: label for label, name in choices.menu()}
+    assert menu["sd15"].endswith("— not on this server") and "not on this server" not in menu[RANDOM]
+    note = generate.apply_preset("sd15", models=choices)["model_note"]
+    assert "isn't on this server" in note and "huggingface-cli" not in note  # plain words for a web user
+    with pytest.raises(Exception, match="isn't on this server"):
+        next(generate.generate("sd15", PROMPT, "", "DDIM", 2, 7.5, "3", False, 512, 512, False, None, request(),
+                               models=choices, stops=StopRequests()))  # fmt: skip
+
+
+def test_words_the_built_in_model_does_not_know_are_named():
+    pipe = sdviz.load_pipeline("toy")
+    pipe.set_progress_bar_config(disable=True)
+    settings = sdviz.Settings("an astronaut riding a red horse", steps=2, width=64, height=64)
+    image, run = sdviz.generate(pipe, settings)
+    session = Session(run, np.asarray(image), "toy", 0, 0.0, settings, "toy")
+    assert unknown_words(run) == ["an", "astronaut", "riding", "horse"]
+    assert "doesn't know “an”, “astronaut”, “riding”, “horse”" in generate.run_notes(session)
+    assert strongest_word(run) == "red"  # the first map is a word the model knows

@@ -21,6 +21,7 @@ from PIL import Image
 from .. import compare
 from ..compare import Variant
 from ..generate import Cancelled, Settings, generate
+from ..loading import cpu_threads
 from ..preview import preview_map
 from ..result import TraceResult
 from .models import Models
@@ -92,7 +93,7 @@ class Worker:
 
     def _work(self):
         try:
-            with self._models.using(self._model) as pipe:
+            with self._models.using(self._model) as pipe, cpu_threads(self._models.threads(self._model)):
                 self.result = self._job(pipe, self.report)
         except BaseException as err:  # handed to the request, which re-raises it
             self._error = err

@@ -19,7 +19,7 @@ from ...settings import SCHEDULERS
 from .. import texts
 from ..inputs import max_side, notes_before, settings_from_form
 from ..models import Models
-from ..session import Session, filters_from_form, heatmap_image, require, words_of
+from ..session import Session, filters_from_form, heatmap_image, require, unknown_words, words_of
 from ..streaming import PREVIEW_WIDTH, Done, Stopped, generate_streaming
 from ..wiring import PIPELINE, STATE_TTL_S, App, Form, StopRequests, handler, pipeline_errors, zero_gpu
 
@@ -40,8 +40,8 @@ def apply_preset(model: str, *, models: Models) -> dict:
         "guidance": gr.Slider(value=preset.guidance),
         "width": gr.Slider(maximum=side, value=preset.size),
         "height": gr.Slider(maximum=side, value=preset.size),
-        "scheduler": gr.Dropdown(value=preset.scheduler),
-        "model_note": model_note(preset),
+        "scheduler": gr.Dropdown(choices=list(SCHEDULERS), value=preset.scheduler),
+        "model_note": model_note(preset) if models.available(model) else models.missing_message(model),
     }
 
 
@@ -68,6 +68,8 @@ def generate(
     settings = settings_from_form(
         models, model, prompt, negative_prompt, scheduler, steps, guidance, seed, random_seed, width, height
     )
+    if not models.available(model):  # say so in plain words now, rather than a loader's error later
+        raise gr.Error(models.missing_message(model).replace("**", ""), duration=None)
     for note in notes_before(settings):
         gr.Info(note)
     hash_ = getattr(request, "session_hash", None)
@@ -102,6 +104,9 @@ def finished(session: Session, previewer: Previewer) -> dict:
         message = f"Done: {n} steps in {session.elapsed:.1f} s"
     if run.truncated:
         gr.Warning(f"The prompt was longer than 77 tokens; cut: “{run.truncated}”")
+    unknown = unknown_words(run)
+    if unknown:
+        gr.Warning(f"The built-in model doesn't know: {', '.join(unknown)}. See the words it knows under Model.")
     return {
         "progress": texts.progress_html(n, n, session.elapsed, message),
         "preview": render.preview(run, n - 1, "x0", PREVIEW_WIDTH, previewer) if n else None,
@@ -217,6 +222,13 @@ def run_notes(session: Session, previewer: Previewer | None = None) -> str:
         )
     if not run.words:
         lines.append("Empty prompt: this image was generated unconditionally, so there are no words to map.")
+    unknown = unknown_words(run)
+    if unknown:
+        lines.append(
+            f"**The built-in model doesn't know {', '.join(f'“{w}”' for w in unknown)}**: it was trained only on "
+            "the shapes-world words listed under Model, so it read these as meaningless pieces, and their maps "
+            "show nothing real. Try e.g. “a small blue square on the left and a yellow triangle”."
+        )
     if run.truncated:
         lines.append(
             f"The prompt is longer than the text encoder's 77-token window; this part was **cut** and "
@@ -245,7 +257,7 @@ class Panel:
                     self.stop = gr.Button("Stop", variant="stop", elem_id="sdviz-stop")
                 negative = gr.Textbox(label="Negative prompt (what to steer away from)", lines=1)
                 model = gr.Dropdown(
-                    [(p.label, name) for name, p in models.choices.items()],
+                    models.menu(),
                     value=models.default,
                     label="Model",
                     allow_custom_value=True,
