@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -217,26 +218,26 @@ def compare_figure(
     for c, (v, s, w, m) in enumerate(zip(variants, steps, words, maps)):
         final = fig.add_subplot(rows, cols, c + 1)
         final.imshow(v.image)
-        final.set_title(v.label, fontsize=10)
+        final.set_title(textwrap.fill(v.label, 22), fontsize=11)  # a prompt wraps instead of running into the next
         mid = fig.add_subplot(rows, cols, cols + c + 1)
         mid.imshow(Image.fromarray(_step_image(v.run, s, which, vae, previewer)).resize(v.image.size, Image.BILINEAR))
-        mid.set_xlabel(f"step {s + 1}/{v.run.num_steps}", fontsize=8)
+        mid.set_xlabel(f"step {s + 1}/{v.run.num_steps}", fontsize=10)
         panels = [final, mid]
         if rows == 3:
             heat = fig.add_subplot(rows, cols, 2 * cols + c + 1)
             panels.append(heat)
             if m is None:
-                heat.text(0.5, 0.5, "no changed word", ha="center", va="center", fontsize=8, color="grey")
+                heat.text(0.5, 0.5, "no changed word", ha="center", va="center", fontsize=10, color="grey")
             else:
                 heat.imshow(render.overlay(v.image, np.clip((m - lo) / span, 0, 1), normalize=False))
-                heat.set_xlabel(f"“{w}”  peak {m.max():.3g}", fontsize=8)
+                heat.set_xlabel(f"“{w}”  peak {m.max():.3g}", fontsize=10)
         for ax in panels:
             _off(ax)
         if c == 0:
-            final.set_ylabel("final image", fontsize=9)
-            mid.set_ylabel(f"{which} at shared step\n({_step_label(vae, previewer)})", fontsize=9)
+            final.set_ylabel("final image", fontsize=10)
+            mid.set_ylabel(f"{which} at shared step\n({_step_label(vae, previewer)})", fontsize=10)
             if rows == 3:
-                panels[2].set_ylabel("heatmap (shared scale)", fontsize=9)
+                panels[2].set_ylabel("heatmap (shared scale)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -252,9 +253,9 @@ def strip_figure(variants: Sequence[Variant], count: int = 6, which: str = "x0",
         for r, (v, s) in enumerate(zip(variants, aligned_steps(variants, point))):
             ax = fig.add_subplot(len(variants), len(points), r * len(points) + c + 1)
             ax.imshow(_step_image(v.run, s, which, vae, previewer))
-            ax.set_xlabel(f"step {s + 1}/{v.run.num_steps}", fontsize=7)
+            ax.set_xlabel(f"step {s + 1}/{v.run.num_steps}", fontsize=9)
             _off(ax)
             if c == 0:
-                ax.set_ylabel(v.label, fontsize=8)
+                ax.set_ylabel(textwrap.fill(v.label, 18), fontsize=9)
     fig.tight_layout()
     return fig

@@ -30,7 +30,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "toy": Preset(str(TOY_MODEL_DIR), "Built-in shapes-world model (offline, 64×64)", 20, 4.0, 64, "DDIM"),
+    "toy": Preset(str(TOY_MODEL_DIR), "Built-in shapes model (offline, 64×64)", 20, 4.0, 64, "DDIM"),
     "sd15": Preset("stable-diffusion-v1-5/stable-diffusion-v1-5", "Stable Diffusion 1.5", 25, 7.5, 512, "DPM++ 2M"),
     "sd21-base": Preset(
         "stabilityai/stable-diffusion-2-1-base", "Stable Diffusion 2.1 base (512)", 25, 7.5, 512, "DPM++ 2M"

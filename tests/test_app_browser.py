@@ -104,7 +104,7 @@ def test_clicking_a_word_changes_the_heatmap(page):
 
 
 def test_scrubbing_steps_shows_previews_latent_channels_and_schedule(page):
-    page.get_by_role("tab", name="Step by step").click()
+    page.get_by_role("tab", name="Steps").click()
     page.wait_for_selector("#sdviz-schedule img")
     page.wait_for_selector("#sdviz-zchannels img")
     page.wait_for_selector("#sdviz-zrgb img")
@@ -130,7 +130,7 @@ def test_how_it_works_shows_the_live_shapes(page):
 
 def test_readme_screenshot(page):
     """The page as a newcomer sees it after a run, for docs/screenshot.png (copied there by hand)."""
-    page.get_by_role("tab", name="Which words attend where").click()
+    page.get_by_role("tab", name="Words → places").click()
     page.wait_for_selector("#sdviz-heatmap img")
     page.evaluate("window.scrollTo(0, 0)")
     path = SHOTS / "readme.png"

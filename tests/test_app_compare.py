@@ -10,7 +10,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from test_app_api import assert_pipeline_restored, form, generate, pixels
 
-from sdviz.ui.panels.compare import CHANGED
+from sdviz.ui.panels.compare import CHANGED, default_step
 
 STEPS = 3
 PROMPT = "a red circle on the left"
@@ -61,7 +61,8 @@ def test_guidance_comparison_streams_and_gives_one_different_image_per_value(cli
     first, second = variant_images(out)
     assert first.shape == (64, 64, 3) and not np.array_equal(first, second)
     assert pixels(out["figure"]).shape[1] > 2 * 64  # two columns of panels
-    assert out["step"]["maximum"] == STEPS and out["step"]["value"] == STEPS
+    # The shared step opens 40 % of the way (where runs still differ), not on the last step.
+    assert out["step"]["maximum"] == STEPS and out["step"]["value"] == default_step(STEPS) == 1
     assert out["word"]["value"] in [value for _, value in out["word"]["choices"]]
     assert "Same “a red circle on the left”, seed 7, 3 steps, DDIM" in out["notes"]
     progress = [update[0] for update in job.outputs() if update[0]]
@@ -91,12 +92,12 @@ def test_prompt_pair_shows_the_changed_words_and_can_switch_to_a_shared_word(cli
     calls = len(app_server.unet_calls)
     out = run_compare(client, app_server, mode="pair", prompt="a red circle", prompt_b="a blue circle")
     assert len(app_server.unet_calls) - calls == 2 * STEPS * 1  # one batched CFG call per step
-    assert captions(out) == ["a red circle", "a blue circle"]
+    assert captions(out) == ["“red” · a red circle", "“blue” · a blue circle"]  # the changed word first
     assert out["word"]["value"] == CHANGED
     choices = {value: label for label, value in out["word"]["choices"]}
     assert choices[CHANGED] == "changed words: red / blue" and "circle" in choices
     changed = pixels(out["figure"])
-    assert np.array_equal(view(client, CHANGED, STEPS), changed)  # re-drawing gives the same figure
+    assert np.array_equal(view(client, CHANGED, default_step(STEPS)), changed)  # re-drawing: the same figure
     assert not np.array_equal(view(client, "circle", STEPS), changed)
     with pytest.raises(AppError, match="'red' is not in 'a blue circle'"):
         view(client, "red", STEPS)

@@ -66,7 +66,8 @@ def test_generate_panel_streams_then_shows_the_run_and_its_downloads(models, sto
             stops=StopRequests(),
         )  # fmt: skip
     )
-    assert all("progress" in e for e in events)
+    assert "Generating" in events[0]["notes"]  # the panels below still show the previous run
+    assert all("progress" in e for e in events[1:])
     last = events[-1]
     assert isinstance(last["session"], Session) and last["seed_used"] == "3"
     assert "Done: 4 steps" in last["progress"] and "Seed 3" in last["notes"]
@@ -85,8 +86,8 @@ def test_stop_ends_the_run_with_its_steps_kept_and_marked_partial(models):
     stops = StopRequests()
     run = generate.generate("tiny-random", PROMPT, "", "DDIM", 30, 7.5, "3", False, SIZE, SIZE, False, None,
                             request("stopper"), models=models, stops=stops)  # fmt: skip
-    first = next(run)  # "Loading…": the run is registered
-    assert "Loading" in first["progress"]
+    next(run)  # "Generating…": the run is registered
+    assert "Loading" in next(run)["progress"]
     assert stops.stop("stopper") and not stops.stop("someone-else")
     last = list(run)[-1]
     session = last["session"]

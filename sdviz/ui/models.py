@@ -131,16 +131,36 @@ class Models:
                 self._pipes[name] = _load(preset.source)
             return self._pipes[name]
 
+    def loaded(self, name: str) -> bool:
+        """Whether `name`'s pipeline is already in memory (asking never loads it)."""
+        return name in self._pipes
+
     def threads(self, name: str) -> int:
         """CPU threads for a run of `name` (see `sdviz.loading.pick_threads`)."""
         return pick_threads(self.pipeline(name), self.requested_threads)
 
-    def previewer(self, name: str) -> Previewer:
+    def find(self, model: str) -> str | None:
+        """The offered model whose source is `model` (a trace's `info.model`: a folder or a Hub id), or None."""
+        if not model:
+            return None
+        for name, preset in self.choices.items():
+            same_folder = (
+                Path(model).exists()
+                and Path(preset.source).exists()
+                and (Path(model).resolve() == Path(preset.source).resolve())
+            )
+            if preset.source == model or same_folder:
+                return name
+        return None
+
+    def previewer(self, name: str | None) -> Previewer:
         """How `name`'s step latents become pictures (its VAE when cheap, a local TAESD, else the linear map).
 
         A previewer's decoder only reads the VAE, which a trace never hooks, so it needs no `using` lock:
         the step view stays responsive while someone else's run holds the model.
         """
+        if name is None:  # a run from a model this server doesn't offer: the trace's own linear map
+            return Previewer("linear")
         pipe = self.pipeline(name)
         with self._loading:
             if name not in self._previewers:

@@ -20,6 +20,15 @@ CSS = """
 #sdviz-words label {font-size: 1.05em;}
 /* small images (the 64×64 built-in model) fill their panel, pixel for pixel */
 .sdviz-fill img {width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated;}
+/* captions above pictures (instead of labels floating over their top edge) */
+.sdviz-caption {margin-bottom: -10px !important;}
+.sdviz-caption p {margin: 0 !important;}
+/* Gradio moves tabs that don't fit into a menu behind "⋯": name it */
+.overflow-menu > button::after {content: "More tabs"; margin-left: 6px; font-size: 0.95em; font-weight: 600;}
+@media (max-width: 640px) {
+  .tab-container button {padding-left: 8px !important; padding-right: 8px !important;}
+  h1 {font-size: 1.5em !important;}
+}
 /* Gradio narrows the grid to the number of images: two variants would each be half the width, cropped */
 #sdviz-cmp-gallery .grid-container {--grid-cols: 4 !important;}
 """

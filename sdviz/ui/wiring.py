@@ -29,6 +29,12 @@ def message(err: BaseException) -> str:
     return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
 
 
+def user_error(err: BaseException) -> gr.Error:
+    """A teaching message for the page: titled as advice, gone after a few seconds (so old ones don't pile
+    up), and kept out of the server log, where it would look like a fault."""
+    return gr.Error(message(err), duration=6, title="Not yet", print_exception=False)
+
+
 def handler(fn, outputs: dict | None = None, **bound):
     """`fn` as a Gradio handler: `bound` arguments filled in and hidden from the API, the returned or
     yielded {name: value} mapped onto `outputs` {name: component}, and ValueError / KeyError /
@@ -57,7 +63,7 @@ def handler(fn, outputs: dict | None = None, **bound):
             except gr.Error:
                 raise
             except USER_ERRORS as err:
-                raise gr.Error(message(err)) from err
+                raise user_error(err) from err
 
     else:
 
@@ -67,7 +73,7 @@ def handler(fn, outputs: dict | None = None, **bound):
             except gr.Error:
                 raise
             except USER_ERRORS as err:
-                raise gr.Error(message(err)) from err
+                raise user_error(err) from err
 
     functools.update_wrapper(wrapper, fn)
     del wrapper.__wrapped__  # Gradio reads the signature set here, without the bound arguments
@@ -129,6 +135,12 @@ class StopRequests:
             return False
         flag.set()
         return True
+
+    def running(self, session_hash: str | None) -> bool:
+        """Whether this session has a run going that hasn't been asked to stop."""
+        with self._lock:
+            flag = self._flags.get(session_hash or "")
+        return flag is not None and not flag.is_set()
 
     def finish(self, session_hash: str | None, flag: threading.Event):
         with self._lock:

@@ -198,8 +198,9 @@ def figure(comparison: Comparison, word: str | None, step, vae=None, previewer=N
 
 
 def gallery(variants: list[Variant]) -> list[tuple[Image.Image, str]]:
-    """The finished variants' final images with their labels, for a gr.Gallery."""
-    return [(v.image, v.label) for v in variants]
+    """The finished variants' final images with their labels, for a gr.Gallery. A prompt pair's caption
+    starts with its changed word, which a cut-off caption would otherwise lose."""
+    return [(v.image, f"“{v.word}” · {v.label}" if v.word else v.label) for v in variants]
 
 
 # -- handlers ---------------------------------------------------------------------------------------
@@ -267,14 +268,32 @@ def compared(event: Compared, comparison: Comparison, base: Settings, word, exac
         return out
     word = word or default_word(comparison)
     n = comparison.longest
+    shared = default_step(n)
     return {
         **out,
-        "figure": draw(comparison, word, n, exact_decode, models),
+        "figure": draw(comparison, word, shared, exact_decode, models),
         "word": gr.Dropdown(choices=word_choices(comparison), value=word),
-        "step": gr.Slider(maximum=n, value=n),
+        "step": gr.Slider(maximum=n, value=shared),
         "notes": settings_label(base, comparison.vary),
         "comparison": comparison,
     }
+
+
+def default_step(longest: int) -> int:
+    """The shared step a comparison opens on: 40 % of the way, where runs still differ (at the last step
+    most schedulers agree, and the final images show it anyway)."""
+    return max(1, round(0.4 * longest))
+
+
+def prompt_choices(prompt: str, model: str, word: str, *, models: Models) -> dict:
+    """The word list before any comparison: the current prompt's words (as the tokenizer groups them when
+    the model is loaded; by spaces otherwise, so typing never loads a model)."""
+    if models.loaded(model):
+        found = prompt_words(models.pipeline(model), prompt or "")
+    else:
+        found = re.findall(r"[\w'’-]+", prompt or "")
+    found = list(dict.fromkeys(found))
+    return {"word": gr.Dropdown(choices=[(w, w) for w in found], value=word if word in found else None)}
 
 
 def draw(comparison: Comparison, word, step, exact_decode: bool, models: Models) -> Image.Image:
@@ -360,15 +379,13 @@ class Panel:
                 )
             with gr.Column(scale=2):
                 self.word = gr.Dropdown(
-                    [],
+                    list(dict.fromkeys(re.findall(r"[\w'’-]+", app.form.prompt.value or ""))),
                     value=None,
                     allow_custom_value=True,
                     elem_id="sdviz-cmp-word",
                     label="Word for the heatmaps (empty: the strongest / changed words)",
                 )
-                self.step = gr.Slider(
-                    1, app.most_steps, value=app.most_steps, step=1, label="Shared step", elem_id="sdviz-cmp-step"
-                )
+                self.step = gr.Slider(1, app.most_steps, value=1, step=1, label="Shared step", elem_id="sdviz-cmp-step")
                 self.exact = gr.Checkbox(
                     False, label="Decode x0 with the VAE (exact; slower on big models)", elem_id="sdviz-cmp-exact"
                 )
@@ -461,6 +478,15 @@ class Panel:
             self.progress,
             api_visibility="private",
             queue=False,
+        )
+        gr.on(
+            [app.form.prompt.change, app.form.model.change],
+            handler(prompt_choices, {"word": self.word}, models=app.models),
+            [app.form.prompt, app.form.model, self.word],
+            self.word,
+            api_visibility="private",
+            trigger_mode="always_last",
+            show_progress="hidden",
         )
         gr.on(
             [self.word.input, self.step.input, self.exact.input],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import tempfile
 from pathlib import Path
 
@@ -15,19 +16,22 @@ from PIL import Image
 from ... import render, report
 from ...loading import TOY_MODEL_DIR
 from ...preview import Previewer
-from ...settings import SCHEDULERS
+from ...result import TraceResult
+from ...settings import SCHEDULERS, Settings
 from .. import texts
 from ..inputs import max_side, notes_before, settings_from_form
 from ..models import Models
 from ..session import Session, filters_from_form, heatmap_image, require, unknown_words, words_of
 from ..streaming import PREVIEW_WIDTH, Done, Stopped, generate_streaming
-from ..wiring import PIPELINE, STATE_TTL_S, App, Form, StopRequests, handler, pipeline_errors, zero_gpu
+from ..wiring import PIPELINE, App, Form, StopRequests, handler, pipeline_errors, zero_gpu
 
 EXPLAIN = """**What Generate does.** The text encoder turns your prompt into 77 token vectors. Starting from
 random noise (fixed by the seed), the U-Net predicts the noise in the latent at every step and the
 scheduler removes part of it. The VAE turns the final latent into pixels."""
 
 TOKENS_LABEL = "What the text encoder saw (tokens; orange = piece of a longer word, red = cut off past 77 tokens)"
+PREVIEW_CAPTION = "**Live preview** (each step's x0)"
+FALLBACK_EXAMPLE = "a red circle on the left and a blue square on the right"
 
 
 # -- handlers ---------------------------------------------------------------------------------------
@@ -79,6 +83,7 @@ def generate(
             pipeline_errors(model, "Generate"),
             contextlib.closing(generate_streaming(models, model, settings, bool(keep_heads), stop=flag)) as events,
         ):
+            yield {"notes": "_Generating… the panels below still show your previous run until this one finishes._"}
             for event in events:
                 if isinstance(event, Done):
                     image = np.asarray(event.image.convert("RGB"))
@@ -126,6 +131,41 @@ def stopped(event: Stopped, models: Models, model: str, settings) -> dict:
     pixels = draw.picture(run, run.num_steps - 1, "x0")  # [H, W, 3], or [h, w, 3] for the linear map
     image = np.asarray(Image.fromarray(pixels).resize(run.image_size[::-1], Image.BILINEAR))
     return finished(Session(run, image, model, settings.seed, event.elapsed, settings, models.label(model)), draw)
+
+
+def busy(request: gr.Request, *, stops: StopRequests):
+    """Say so when Generate is pressed while this session's run is still going (the page ignores the click)."""
+    if stops.running(getattr(request, "session_hash", None)):
+        gr.Warning("A run is in progress: press Stop first, or wait for it to finish.")
+
+
+def example_for(models: Models, examples: list[str]) -> str:
+    """A prompt that works with the default model, so the first Generate makes something."""
+    return examples[0] if examples else FALLBACK_EXAMPLE
+
+
+def open_trace(file, session, *, models: Models) -> dict:
+    """A trace saved earlier (Prepare downloads, the CLI or `run.save`) as the session's run, explorable in
+    every panel. Its picture is the final latent drawn by the model it came from, when this server has
+    it, else by the trace's own linear preview map."""
+    if file is None:
+        return {"progress": gr.skip()}
+    path = file if isinstance(file, str) else getattr(file, "name", file)
+    run = TraceResult.load(path)
+    if run.num_steps == 0:
+        raise ValueError(f"{Path(path).name} holds a trace with no steps: nothing to show")
+    name = models.find(run.info.model)
+    draw = models.previewer(name) if name else Previewer("linear")
+    pixels = draw.picture(run, run.num_steps - 1, "final") if draw.kind != "linear" else run.preview(0, "final")
+    image = np.asarray(Image.fromarray(pixels).resize(run.image_size[::-1], Image.BILINEAR))
+    label = models.label(name) if name else (run.info.model or "a saved trace")
+    guidance = run.info.guidance_scale if math.isfinite(run.info.guidance_scale) else 0.0
+    settings = Settings(run.prompt or "", run.info.negative_prompt or "", max(run.num_steps, 1), guidance)
+    opened = Session(run, image, name, -1, 0.0, settings, f"{label} (opened from {Path(path).name})")
+    out = finished(opened, draw)
+    out["seed_used"] = "(saved trace)"
+    out["progress"] = texts.progress_html(1, 1, 0, f"Opened {Path(path).name}: {run.num_steps} steps")
+    return out
 
 
 def stop(request: gr.Request, *, stops: StopRequests) -> dict:
@@ -211,8 +251,9 @@ def run_notes(session: Session, previewer: Previewer | None = None) -> str:
     run, info = session.run, session.run.info
     h, w = run.image_size
     guidance = f"guidance {info.guidance_scale:g}" + ("" if info.cfg else " (off)")
+    seed = f"Seed {session.seed}" if session.seed >= 0 else "Saved trace"
     lines = [
-        f"**Seed {session.seed}** · {session.label} · {info.scheduler} · {run.num_steps} steps recorded · "
+        f"**{seed}** · {session.label} · {info.scheduler} · {run.num_steps} steps recorded · "
         f"{guidance} · {w}×{h} px · {session.elapsed:.1f} s"
     ]
     if session.partial:
@@ -239,18 +280,20 @@ def run_notes(session: Session, previewer: Previewer | None = None) -> str:
 
 # -- layout and wiring ------------------------------------------------------------------------------
 class Panel:
-    """Left: the form and Generate / Stop. Right: what the run produced."""
+    """Left: the prompt with Generate / Stop right under it, then the settings. Right: what the run produced."""
 
     def __init__(self, app: App):
         models = app.models
         preset = models.preset(models.default)
         with gr.Row(equal_height=False):
-            with gr.Column(scale=4, min_width=340):
+            with gr.Column(scale=4, min_width=300):
+                # One line that grows as you type: Enter generates (a multi-line box would take it as a newline).
                 prompt = gr.Textbox(
-                    label="Prompt",
-                    lines=2,
+                    example_for(models, app.examples),
+                    label="Prompt (Enter to generate)",
+                    lines=1,
+                    max_lines=4,
                     elem_id="sdviz-prompt",
-                    placeholder="a red circle on the left and a blue square on the right",
                 )
                 with gr.Row():
                     self.run = gr.Button("Generate", variant="primary", elem_id="sdviz-generate")
@@ -268,10 +311,15 @@ class Panel:
                 )
                 with gr.Row():
                     scheduler = gr.Dropdown(
-                        list(SCHEDULERS), value=preset.scheduler, label="Scheduler", allow_custom_value=True, scale=2
+                        list(SCHEDULERS),
+                        value=preset.scheduler,
+                        label="Scheduler",
+                        allow_custom_value=True,
+                        scale=2,
+                        min_width=130,
                     )
-                    seed = gr.Textbox("42", label="Seed", max_lines=1, scale=2)
-                    random_seed = gr.Checkbox(False, label="Random seed", scale=1, min_width=90)
+                    seed = gr.Textbox("42", label="Seed", max_lines=1, scale=2, min_width=100)
+                    random_seed = gr.Checkbox(False, label="Random seed", scale=1, min_width=130)
                 with gr.Row():
                     steps = gr.Slider(
                         1, preset.max_steps, value=preset.steps, step=1, label="Steps", elem_id="sdviz-steps"
@@ -288,29 +336,35 @@ class Panel:
                 gr.Markdown(EXPLAIN, elem_classes="sdviz-explain")
                 if app.examples:
                     gr.Examples([[p] for p in app.examples], inputs=[prompt], label="Examples (click to use)")
-            with gr.Column(scale=6):
+            with gr.Column(scale=6, min_width=300):
                 with gr.Row():
-                    self.preview = gr.Image(
-                        label="Live preview (predicted x0 of each step, no VAE)",
-                        interactive=False,
-                        elem_id="sdviz-preview",
-                        elem_classes="sdviz-fill",
-                        height=300,
-                        buttons=["fullscreen"],
-                    )
-                    self.image = gr.Image(
-                        label="Final image",
-                        interactive=False,
-                        elem_id="sdviz-final",
-                        height=300,
-                        elem_classes="sdviz-fill",
-                        format="png",
-                        buttons=["download", "fullscreen"],
-                    )
+                    with gr.Column(min_width=150):
+                        self.preview_caption = gr.Markdown(PREVIEW_CAPTION, elem_classes="sdviz-caption")
+                        self.preview = gr.Image(
+                            label="Live preview",
+                            show_label=False,
+                            interactive=False,
+                            elem_id="sdviz-preview",
+                            elem_classes="sdviz-fill",
+                            height=280,
+                            buttons=["fullscreen"],
+                        )
+                    with gr.Column(min_width=150):
+                        gr.Markdown("**Final image**", elem_classes="sdviz-caption")
+                        self.image = gr.Image(
+                            label="Final image",
+                            show_label=False,
+                            interactive=False,
+                            elem_id="sdviz-final",
+                            height=280,
+                            elem_classes="sdviz-fill",
+                            format="png",
+                            buttons=["download", "fullscreen"],
+                        )
                 self.progress = gr.HTML(texts.progress_html(0, 1, 0, "Ready"), elem_id="sdviz-progress")
                 with gr.Row():
                     self.seed_used = gr.Textbox(
-                        label="Seed used", interactive=False, scale=1, elem_id="sdviz-seed-used"
+                        label="Seed used", interactive=False, scale=1, min_width=90, elem_id="sdviz-seed-used"
                     )
                     self.notes = gr.Markdown(texts.BUSY, elem_id="sdviz-notes")
                 self.tokens = gr.HighlightedText(
@@ -320,14 +374,17 @@ class Panel:
                     color_map={"special": "#d0d0d0", "word": "#a5d8ff", "piece": "#ffd8a8", "cut": "#ff8787"},
                 )
                 with gr.Row():
-                    self.files_button = gr.Button("Prepare downloads: image, heatmap, trace, report", size="sm")
+                    self.files_button = gr.Button("Prepare downloads: image, heatmaps, trace, report", size="sm")
                     self.files = gr.File(label="Downloads", file_count="multiple", interactive=False, height=110)
+                with gr.Accordion("Open a saved trace (.safetensors)", open=False):
+                    self.upload = gr.File(label="A trace saved by sdviz (Prepare downloads, the CLI or run.save)",
+                                          file_types=[".safetensors"], elem_id="sdviz-open-trace")  # fmt: skip
         app.form = Form(
             model, prompt, negative, scheduler, steps, guidance, seed, random_seed, width, height, keep_heads
         )
 
     def wire(self, app: App):
-        form = app.form
+        form, models = app.form, app.models
         preset_out = {
             "steps": form.steps,
             "guidance": form.guidance,
@@ -337,7 +394,7 @@ class Panel:
             "model_note": self.model_note,
         }
         form.model.change(
-            handler(apply_preset, preset_out, models=app.models),
+            handler(apply_preset, preset_out, models=models),
             form.model,
             list(preset_out.values()),
             api_visibility="private",
@@ -351,9 +408,12 @@ class Panel:
             "notes": self.notes,
             "session": app.session,
         }
+        triggers = [self.run.click, form.prompt.submit]
+        # A second Generate while this session's run goes on would be dropped by the page without a word.
+        gr.on(triggers, handler(busy, stops=app.stops), None, None, queue=False, api_visibility="private")
         generation = gr.on(
-            [self.run.click, form.prompt.submit],
-            handler(generate, run_out, models=app.models, stops=app.stops),
+            triggers,
+            handler(generate, run_out, models=models, stops=app.stops),
             [*form.inputs(), app.session],
             list(run_out.values()),
             api_name="generate",
@@ -373,12 +433,16 @@ class Panel:
         files_in = [app.word, *app.view.inputs(), app.session]
         # preprocess=False: the word chips' choices are per session (see words.py)
         self.files_button.click(
-            handler(downloads, {"files": self.files}, models=app.models),
+            handler(downloads, {"files": self.files}, models=models),
             files_in,
             self.files,
             api_name="downloads",
             preprocess=False,
         )
-
-
-__all__ = ["Panel", "STATE_TTL_S"]
+        opened = self.upload.upload(
+            handler(open_trace, run_out, models=models),
+            [self.upload, app.session],
+            list(run_out.values()),
+            api_name="open_trace",
+        )
+        app.new_run.append(opened)

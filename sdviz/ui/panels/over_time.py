@@ -9,7 +9,7 @@ from ... import render
 from ..session import BLOCKS, filters_from_form, require, words_of
 from ..wiring import App, handler
 
-TITLE, ID = "Attention over time", "time"
+TITLE, ID = "Over time", "time"
 
 EXPLAIN = """**Attention over time.** Each band is one word's share of the attention paid to words, at every
 step. Early steps decide the layout; late steps the details."""

@@ -14,7 +14,7 @@ from ..models import Models
 from ..session import Session, filters_from_form, heatmap_image, require
 from ..wiring import App, handler, zero_gpu
 
-TITLE, ID = "Step by step", "steps"
+TITLE, ID = "Steps", "steps"
 SPEEDS = [("slow (1.5 s a step)", 1.5), ("normal (0.7 s)", 0.7), ("fast (0.3 s)", 0.3)]
 
 EXPLAIN = """**Step by step.** At each step the U-Net predicts the noise; from that the scheduler computes
@@ -116,6 +116,8 @@ def decode(step: float, session, *, models: Models) -> dict:
     session = require(session)
     n = check.whole_number(step, "step")
     session.run.step_indices(n - 1)  # a step outside the run says so
+    if session.model is None:
+        raise ValueError("this trace was opened from a file and its model isn't on this server: it can't be decoded")
     session.run.decode(n - 1, models.pipeline(session.model).vae, "x0")
     return {"decoded": step_view(session, n, models.previewer(session.model))["decoded"], "session": session}
 

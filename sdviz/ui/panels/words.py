@@ -21,7 +21,7 @@ from ..session import (
 )
 from ..wiring import App, View, handler
 
-TITLE, ID = "Which words attend where", "words"
+TITLE, ID = "Words → places", "words"
 COLORMAPS = ["jet", "inferno", "viridis", "magma", "turbo", "gray"]
 ASK_RADIUS = 0.08  # half-width of the box around a click, as a fraction of the image
 ASK_MIN_SIDE = 320  # the clickable image is enlarged server-side: the browser maps clicks in natural pixels
