@@ -87,8 +87,9 @@ def generate(
             for event in events:
                 if isinstance(event, Done):
                     image = np.asarray(event.image.convert("RGB"))
-                    session = Session(event.run, image, model, settings.seed, event.elapsed, settings,
-                                      models.label(model))  # fmt: skip
+                    session = Session(
+                        event.run, image, model, settings.seed, event.elapsed, settings, models.label(model)
+                    )
                     yield finished(session, models.previewer(model))
                 elif isinstance(event, Stopped):
                     yield stopped(event, models, model, settings)
@@ -377,8 +378,11 @@ class Panel:
                     self.files_button = gr.Button("Prepare downloads: image, heatmaps, trace, report", size="sm")
                     self.files = gr.File(label="Downloads", file_count="multiple", interactive=False, height=110)
                 with gr.Accordion("Open a saved trace (.safetensors)", open=False):
-                    self.upload = gr.File(label="A trace saved by sdviz (Prepare downloads, the CLI or run.save)",
-                                          file_types=[".safetensors"], elem_id="sdviz-open-trace")  # fmt: skip
+                    self.upload = gr.File(
+                        label="A trace saved by sdviz (Prepare downloads, the CLI or run.save)",
+                        file_types=[".safetensors"],
+                        elem_id="sdviz-open-trace",
+                    )
         app.form = Form(
             model, prompt, negative, scheduler, steps, guidance, seed, random_seed, width, height, keep_heads
         )
@@ -410,7 +414,16 @@ class Panel:
         }
         triggers = [self.run.click, form.prompt.submit]
         # A second Generate while this session's run goes on would be dropped by the page without a word.
-        gr.on(triggers, handler(busy, stops=app.stops), None, None, queue=False, api_visibility="private")
+        # (Queued, unlimited: a warning reaches the page only through the queue's stream.)
+        gr.on(
+            triggers,
+            handler(busy, stops=app.stops),
+            None,
+            None,
+            concurrency_limit=None,
+            api_visibility="private",
+            show_progress="hidden",
+        )
         generation = gr.on(
             triggers,
             handler(generate, run_out, models=models, stops=app.stops),
