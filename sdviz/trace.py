@@ -10,6 +10,9 @@ What it installs, and removes in `finally` whatever happens:
 - a forward pre-hook on the U-Net (latent size, whether this call carries classifier-free guidance);
 - a forward hook on the first text encoder (the token ids of each call, and its output, which tells
   which call was the prompt and which the negative: the one the U-Net's context rows are made of);
+- opt-in (`self_attention=True`): a forward pre-hook (`SelfAttentionRecorder`) on each self-attention
+  (attn1) layer, which reads its input the same way; `keep_queries=True` adds nothing to install (the
+  cross-attention recorder keeps the queries it computes anyway);
 - a wrapper of `step` on the scheduler instance: each call closes one step (x_t, guided model
   output, x0, timestep, sigma, alpha-bar) and the attention recorded since the last one. Diffusers
   has no hook that sees the scheduler's inputs and its x0 together, so this one method is wrapped,
@@ -29,12 +32,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import queries as query_store
+from . import self_attention as self_store
 from .attention import (
     CrossAttentionRecorder,
     LayerInfo,
-    attention_probs,
     block_of,
     project_keys,
+    project_queries,
     text_context,
     untraceable,
 )
@@ -56,6 +61,8 @@ class _Step:
     x0: torch.Tensor  # [C, h, w]
     attention: dict = field(default_factory=dict)  # layer → [hw, T] (or [heads, hw, T])
     attention_negative: dict = field(default_factory=dict)
+    queries: dict = field(default_factory=dict)  # layer → [heads, hw, d] (keep_queries)
+    self_attention: dict = field(default_factory=dict)  # attn1 layer → [hw, hw] (self_attention, at chosen steps)
 
 
 def _layer_size(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -109,6 +116,13 @@ class Tracer:
                         pipeline gets `prompt_embeds` instead of text
       negative_prompt – the negative prompt text, when known (kept in the result; names the negative's
                         tokens when the pipeline gets `negative_prompt_embeds`)
+    Research options (memory measured by `python -m sdviz.bench --research`):
+      keep_queries    – keep each cross-attention layer's queries (conditional branch, in `dtype`), so that
+                        `run.attend(pipe, text)` can map any text afterwards (sdviz.queries)
+      query_resolutions – which layers keep them, by height (e.g. [32, 16, 8]); default: those at ≤ 16×16
+      self_attention  – record the self-attention (attn1) maps, head mean, conditional branch (sdviz.self_attention)
+      self_attention_resolutions – which attn1 layers, by height; default: those at ≤ 16×16
+      self_attention_steps – which steps (0-based indices); default: every step
     """
 
     def __init__(
@@ -121,6 +135,11 @@ class Tracer:
         dtype: torch.dtype = torch.float16,
         prompt: str | None = None,
         negative_prompt: str | None = None,
+        keep_queries: bool = False,
+        query_resolutions=None,
+        self_attention: bool = False,
+        self_attention_resolutions=None,
+        self_attention_steps=None,
     ):
         for part in ("unet", "scheduler"):
             if getattr(pipe, part, None) is None:
@@ -136,6 +155,11 @@ class Tracer:
         self.dtype = dtype
         self.prompt = prompt
         self.negative_prompt = negative_prompt
+        self.keep_queries = bool(keep_queries)
+        self.query_resolutions = _whole_numbers(query_resolutions, "query_resolutions")
+        self.self_attention = bool(self_attention)
+        self.self_attention_resolutions = _whole_numbers(self_attention_resolutions, "self_attention_resolutions")
+        self.self_attention_steps = _whole_numbers(self_attention_steps, "self_attention_steps")
         self.result: TraceResult | None = None
         self._reset()
 
@@ -159,6 +183,9 @@ class Tracer:
         self._keys: dict = {}  # layer → (context, its version, rows, projected keys)
         self._preview = (None, "none")
         self._truncated = ""
+        self._pending_queries: dict = {}  # layer → queries, since the last scheduler step
+        self._pending_self: dict = {}  # attn1 layer → map, since the last scheduler step
+        self._self_layers: dict[str, LayerInfo] = {}
 
     # -- install / restore ----------------------------------------------------------------------
     def __enter__(self) -> Tracer:
@@ -178,8 +205,14 @@ class Tracer:
         ]
         if not layers:
             raise RuntimeError(f"{type(unet).__name__} has no cross-attention layers to trace")
+        self_layers = [
+            (name, m)
+            for name, m in unet.named_modules()
+            if hasattr(m, "processor") and getattr(m, "is_cross_attention", True) is False
+        ]
+        recorders = (CrossAttentionRecorder, self_store.SelfAttentionRecorder)
         if hasattr(scheduler.step, _MARK) or any(
-            isinstance(hook, CrossAttentionRecorder) for _, m in layers for hook in m._forward_pre_hooks.values()
+            isinstance(hook, recorders) for _, m in layers + self_layers for hook in m._forward_pre_hooks.values()
         ):
             raise RuntimeError(
                 "this pipeline is already being traced: one `sdviz.trace(pipe)` at a time "
@@ -203,6 +236,9 @@ class Tracer:
         try:
             for name, module in layers:
                 recorder = CrossAttentionRecorder(name, self._record_attention)
+                self._handles.append(module.register_forward_pre_hook(recorder, with_kwargs=True))
+            for name, module in self_layers if self.self_attention else ():
+                recorder = self_store.SelfAttentionRecorder(name, self._record_self_attention)
                 self._handles.append(module.register_forward_pre_hook(recorder, with_kwargs=True))
             self._handles.append(unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
             encoder = _first(pipe, "text_encoder", "text_encoder_2")
@@ -326,16 +362,33 @@ class Tracer:
         cached = self._keys.get(name)
         if cached is None or cached[0] is not context or cached[1] != context._version or cached[2] != rows:
             cached = self._keys[name] = (context, context._version, rows, project_keys(attn, context[select]))
-        probs = attention_probs(attn, hidden_states[select], cached[3])  # [r, heads, hw, 77]
+        query = project_queries(attn, hidden_states[select])  # [r, heads, hw, d], the model's dtype
+        probs = torch.matmul(query.float(), cached[3]).softmax(dim=-1)  # [r, heads, hw, 77]
         if name not in self._layers:
             h, w = _layer_size(probs.shape[2], self._latent_hw)
             self._layers[name] = LayerInfo(name, block_of(name), h, w, attn.heads)
+        layer = self._layers[name]
+        if self.keep_queries and query_store.kept(layer.height, layer.width, self.query_resolutions):
+            self._pending_queries[name] = query[0].to(self.dtype, copy=True)  # [heads, hw, d], conditional row
         for row, (target, keep) in enumerate(zip((self._pending, self._pending_negative), self._keep)):
             if row >= len(rows):
                 break
             p = probs[row, :, :, :keep]  # [heads, hw, T]
             # [(heads,) hw, T]; the result lays the stacked steps out as [S, (heads,) T, h, w]
             target[name] = (p if self.per_head else p.mean(0)).to(self.dtype)
+
+    def _record_self_attention(self, name, attn, hidden_states):
+        step = len(self._steps)  # the step being computed: steps close at each scheduler.step
+        if self.self_attention_steps is not None and step not in self.self_attention_steps:
+            return
+        hw = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[-2] * hidden_states.shape[-1]
+        h, w = _layer_size(hw, self._latent_hw)
+        if not self_store.kept(h, w, self.self_attention_resolutions):
+            return
+        if name not in self._self_layers:
+            self._self_layers[name] = LayerInfo(name, block_of(name), h, w, attn.heads)
+        probs = self_store.self_attention_probs(attn, hidden_states[self._rows[0]])  # [hw, hw], conditional row
+        self._pending_self[name] = probs.to(self.dtype)
 
     def _wrap_step(self, original_step):
         # wraps() keeps step's signature visible: pipelines pass `generator` and `eta` only to a
@@ -368,9 +421,12 @@ class Tracer:
                 x0=x0[k].detach().clone(),
                 attention=self._pending,
                 attention_negative=self._pending_negative,
+                queries=self._pending_queries,
+                self_attention=self._pending_self,
             )
         )
         self._pending, self._pending_negative = {}, {}
+        self._pending_queries, self._pending_self = {}, {}
         self._final_latent = out.prev_sample[k].detach().float().clone()
 
     @property
@@ -388,6 +444,25 @@ class Tracer:
                 m = torch.stack(per_step).transpose(-1, -2)  # [S, (heads,) T, hw]
                 maps[layer.name] = m.reshape(*m.shape[:-1], layer.height, layer.width).cpu()
         return maps
+
+    def _stack_queries(self) -> dict[str, torch.Tensor]:
+        """Per layer that kept them at every step, the queries stacked: [S, heads, hw_l, d] on the CPU."""
+        out = {}
+        for name in self._layers:
+            per_step = [s.queries.get(name) for s in self._steps]
+            if per_step and all(q is not None for q in per_step):
+                out[name] = torch.stack(per_step).cpu()
+        return out
+
+    def _stack_self_attention(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per attn1 layer, its maps at the steps that recorded self-attention: ([S_sa, hw, hw] each, steps [S_sa])."""
+        steps = [i for i, s in enumerate(self._steps) if s.self_attention]
+        maps = {}
+        for name in self._self_layers:
+            per_step = [self._steps[i].self_attention.get(name) for i in steps]
+            if per_step and all(m is not None for m in per_step):
+                maps[name] = torch.stack(per_step).cpu()
+        return maps, torch.tensor(steps, dtype=torch.int64)
 
     def _series(self, attr: str) -> torch.Tensor:
         """Per step, one value or tensor of each step: [S] float32 or [S, C, h, w]."""
@@ -433,6 +508,7 @@ class Tracer:
         """The recording as a TraceResult: plain tensors on the CPU, no reference to the pipeline."""
         texts = self._texts or [([], [], "none")] * 2  # None when the U-Net never ran
         schedule = self._schedule or (torch.zeros(0), torch.zeros(0))
+        self_maps, self_steps = self._stack_self_attention()
         return TraceResult(
             tokens=texts[0][0],
             words=texts[0][1],
@@ -452,7 +528,21 @@ class Tracer:
             schedule_timesteps=schedule[0],
             schedule_sigmas=schedule[1],
             info=self._info(complete),
+            queries=self._stack_queries(),
+            self_attention=self_maps,
+            self_attention_steps=self_steps,
+            self_layers=[self._self_layers[name] for name in self_maps],
         )
+
+
+def _whole_numbers(values, name: str) -> tuple[int, ...] | None:
+    """None, or `values` (an int or a list of them) as a tuple of ints ≥ 0; ValueError saying what to pass."""
+    if values is None:
+        return None
+    items = [values] if isinstance(values, int) else list(values)
+    if not items or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items):
+        raise ValueError(f"{name} must be whole numbers ≥ 0 (e.g. [16, 8]), or None for the default; got {values!r}")
+    return tuple(items)
 
 
 def trace(
@@ -464,6 +554,11 @@ def trace(
     dtype: torch.dtype = torch.float16,
     prompt: str | None = None,
     negative_prompt: str | None = None,
+    keep_queries: bool = False,
+    query_resolutions=None,
+    self_attention: bool = False,
+    self_attention_resolutions=None,
+    self_attention_steps=None,
 ) -> Tracer:
     """Trace one generation of `pipe`. See `Tracer` for the options and the module docstring for how."""
     return Tracer(
@@ -474,4 +569,9 @@ def trace(
         dtype=dtype,
         prompt=prompt,
         negative_prompt=negative_prompt,
+        keep_queries=keep_queries,
+        query_resolutions=query_resolutions,
+        self_attention=self_attention,
+        self_attention_resolutions=self_attention_resolutions,
+        self_attention_steps=self_attention_steps,
     )
