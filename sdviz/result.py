@@ -118,6 +118,12 @@ class TraceResult:
     schedule_timesteps / schedule_sigmas  float32 [N]  the whole planned schedule
     info                           RunInfo: model, scheduler, sizes, guidance, VAE scaling, preview map
     decoded                        cache of exact VAE decodes, key "x0/7" → uint8 [H, W, 3]
+
+    Inside each step and the text encoder (empty tensors when not recorded; None in traces saved before):
+    noise_pred_uncond / _text      float32 [S, C, h, w]  the U-Net's two outputs before guidance combined
+                                   them (without, with the prompt); empty when guidance did not run
+    prompt_embeds                  float32 [77, d]  the text vectors the U-Net got for the prompt
+    negative_prompt_embeds         float32 [77, d]  … for the negative prompt (empty without guidance)
     """
 
     tokens: list[Token]
@@ -139,6 +145,10 @@ class TraceResult:
     schedule_sigmas: torch.Tensor
     info: RunInfo
     decoded: dict[str, np.ndarray] = field(default_factory=dict)
+    noise_pred_uncond: torch.Tensor | None = None
+    noise_pred_text: torch.Tensor | None = None
+    prompt_embeds: torch.Tensor | None = None
+    negative_prompt_embeds: torch.Tensor | None = None
 
     # Tensor fields saved as they are, and dicts of tensors saved as "<field>/<key>".
     TENSORS = (
@@ -151,6 +161,10 @@ class TraceResult:
         "alpha_bars",
         "schedule_timesteps",
         "schedule_sigmas",
+        "noise_pred_uncond",
+        "noise_pred_text",
+        "prompt_embeds",
+        "negative_prompt_embeds",
     )
     TENSOR_DICTS = ("attention", "attention_negative")
 
