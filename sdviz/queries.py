@@ -127,4 +127,6 @@ def attend(run, pipe, text: str):
         attention=maps,
         attention_negative={},
         info=info,
+        prompt_embeds=context[0].detach().float().cpu(),  # [77, d_text]: `text`'s vectors
+        negative_prompt_embeds=torch.zeros(0),
     )

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .attention import LayerInfo
 from .preview import latent_to_rgb
+from .steps import implied_noise, training_target
 from .tokens import Token, Word, from_json, to_json
 
 FORMAT_VERSION = 2  # 2: typed RunInfo; 1 (sdviz 0.1): `info` as a plain dict, still read
@@ -129,6 +130,14 @@ class TraceResult:
                                    query pixel (self_attention=True), at the steps `self_attention_steps`
     self_attention_steps           int64 [S_sa] the step indices those maps were recorded at
     self_layers                    one LayerInfo per recorded self-attention layer
+    Inside each step and the text encoder (empty tensors when not recorded; None in traces saved before):
+    noise_pred_uncond / _text      float32 [S, C, h, w]  the U-Net's two outputs before guidance combined
+                                   them (without, with the prompt); empty when guidance did not run
+    prompt_embeds                  float32 [77, d]  the text vectors the U-Net got for the prompt
+    negative_prompt_embeds         float32 [77, d]  … for the negative prompt (empty without guidance)
+    Forward diffusion of a given image (`sdviz.noise_image`; None for a generation):
+    clean_latent                   float32 [C, h, w]  the image's latent (VAE posterior mean × scaling factor)
+    noise                          float32 [C, h, w]  the noise ε added to it (latents[0] is the noisy x_t)
     """
 
     tokens: list[Token]
@@ -155,6 +164,12 @@ class TraceResult:
     self_attention: dict[str, torch.Tensor] = field(default_factory=dict)
     self_attention_steps: torch.Tensor | None = None
     self_layers: list[LayerInfo] = field(default_factory=list)
+    noise_pred_uncond: torch.Tensor | None = None
+    noise_pred_text: torch.Tensor | None = None
+    prompt_embeds: torch.Tensor | None = None
+    negative_prompt_embeds: torch.Tensor | None = None
+    clean_latent: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
 
     # Tensor fields saved as they are, and dicts of tensors saved as "<field>/<key>".
     TENSORS = (
@@ -168,6 +183,12 @@ class TraceResult:
         "schedule_timesteps",
         "schedule_sigmas",
         "self_attention_steps",
+        "noise_pred_uncond",
+        "noise_pred_text",
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "clean_latent",
+        "noise",
     )
     TENSOR_DICTS = ("attention", "attention_negative", "queries", "self_attention")
 
@@ -526,6 +547,29 @@ class TraceResult:
         if normalize and out.max() > 0:
             out = out / out.max()
         return out
+    # -- forward diffusion and the training loss (a run made by sdviz.noise_image) -----------------------
+    def _noised(self):
+        if self.clean_latent is None or self.noise is None or self.num_steps != 1:
+            raise ValueError(
+                "this trace is a generation, not a noised image: make one with "
+                "sdviz.noise_image(pipe, image, prompt, timestep)"
+            )
+
+    def training_target(self) -> torch.Tensor:
+        """[C, h, w] what training asks the U-Net to output for latents[0]: ε, v or z (by prediction type)."""
+        self._noised()
+        return training_target(self.info.prediction_type, self.clean_latent, self.noise, float(self.alpha_bars[0]))
+
+    @property
+    def loss(self) -> float:
+        """This example's training loss: the mean squared error between model_outputs[0] and `training_target()`."""
+        return float(((self.model_outputs[0] - self.training_target()) ** 2).mean())
+
+    def predicted_noise(self) -> torch.Tensor:
+        """[C, h, w] the noise ε̂ the U-Net's output stands for (the output itself for an epsilon model)."""
+        self._noised()
+        alpha_bar = float(self.alpha_bars[0])
+        return implied_noise(self.info.prediction_type, self.model_outputs[0], self.latents[0], alpha_bar)
 
     # -- save / load ------------------------------------------------------------------------------
     def save(self, path) -> Path:

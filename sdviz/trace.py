@@ -7,7 +7,9 @@
 What it installs, and removes in `finally` whatever happens:
 - a forward pre-hook (`CrossAttentionRecorder`) on each cross-attention (attn2) layer: it reads the
   layer's inputs and leaves the layer, its processor and `cross_attention_kwargs` alone;
-- a forward pre-hook on the U-Net (latent size, whether this call carries classifier-free guidance);
+- a forward pre-hook on the U-Net (latent size, whether this call carries classifier-free guidance, and
+  at its first call the text vectors it gets) and a forward hook on its output (the two predictions,
+  unconditional and with the text, before the pipeline combines them by guidance);
 - a forward hook on the first text encoder (the token ids of each call, and its output, which tells
   which call was the prompt and which the negative: the one the U-Net's context rows are made of);
 - opt-in (`self_attention=True`): a forward pre-hook (`SelfAttentionRecorder`) on each self-attention
@@ -63,6 +65,7 @@ class _Step:
     attention_negative: dict = field(default_factory=dict)
     queries: dict = field(default_factory=dict)  # layer → [heads, hw, d] (keep_queries)
     self_attention: dict = field(default_factory=dict)  # attn1 layer → [hw, hw] (self_attention, at chosen steps)
+    predictions: tuple | None = None  # the U-Net's (unconditional, text) outputs before guidance, [C, h, w] each
 
 
 def _layer_size(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -186,6 +189,8 @@ class Tracer:
         self._pending_queries: dict = {}  # layer → queries, since the last scheduler step
         self._pending_self: dict = {}  # attn1 layer → map, since the last scheduler step
         self._self_layers: dict[str, LayerInfo] = {}
+        self._embeds: tuple | None = None  # the U-Net's text vectors (prompt [77, d], negative or None), once
+        self._pending_predictions: tuple | None = None  # (unconditional, text) [C, h, w], since the last step
 
     # -- install / restore ----------------------------------------------------------------------
     def __enter__(self) -> Tracer:
@@ -241,6 +246,7 @@ class Tracer:
                 recorder = self_store.SelfAttentionRecorder(name, self._record_self_attention)
                 self._handles.append(module.register_forward_pre_hook(recorder, with_kwargs=True))
             self._handles.append(unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
+            self._handles.append(unet.register_forward_hook(self._on_unet_output, with_kwargs=True))
             encoder = _first(pipe, "text_encoder", "text_encoder_2")
             if encoder is not None:
                 self._handles.append(encoder.register_forward_hook(self._on_text_encoder, with_kwargs=True))
@@ -310,6 +316,38 @@ class Tracer:
             self._text_dim = int(context.shape[-1])
             if self._texts is None:
                 self._sort_texts(context)
+            self._record_embeddings(context)
+
+    # -- around guidance: the text vectors the U-Net gets, its two predictions -------------------------
+    def _record_embeddings(self, context: torch.Tensor):
+        """The recorded rows of the U-Net's text context [batch, 77, d], at its first call: what the text
+        encoder(s) made of the prompt (and of the negative prompt, when guidance runs)."""
+        if self._embeds is not None:
+            return
+        cond, neg = self._rows
+        self._embeds = tuple(None if row is None else context[row].detach().float().clone() for row in (cond, neg))
+
+    def _on_unet_output(self, module, args, kwargs, output):
+        """With guidance, the U-Net's output [2B, C, h, w] holds [unconditional, text] halves: keep the recorded
+        image's row of each, before the pipeline combines them (its step then gets the guided output)."""
+        sample = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+        cond, neg = self._rows
+        if neg is None or not isinstance(sample, torch.Tensor):
+            self._pending_predictions = None
+            return
+        self._pending_predictions = (sample[neg].detach().float().clone(), sample[cond].detach().float().clone())
+
+    def _predictions(self, which: int) -> torch.Tensor:
+        """Every step's unconditional (0) or text (1) prediction: float32 [S, C, h, w]; empty without guidance."""
+        kept = [s.predictions for s in self._steps]
+        if not kept or any(p is None for p in kept):
+            return torch.zeros(0)
+        return torch.stack([p[which] for p in kept]).cpu()
+
+    def _embedding(self, which: int) -> torch.Tensor:
+        """The prompt's (0) or the negative prompt's (1) text vectors, float32 [77, d]; empty when not seen."""
+        kept = None if self._embeds is None else self._embeds[which]
+        return torch.zeros(0) if kept is None else kept.cpu()
 
     def _sort_texts(self, context: torch.Tensor):
         """Name the tokens of the recorded rows of `context` [batch, T, d] (once, at the U-Net's first call).
@@ -423,10 +461,12 @@ class Tracer:
                 attention_negative=self._pending_negative,
                 queries=self._pending_queries,
                 self_attention=self._pending_self,
+                predictions=self._pending_predictions,
             )
         )
         self._pending, self._pending_negative = {}, {}
         self._pending_queries, self._pending_self = {}, {}
+        self._pending_predictions = None
         self._final_latent = out.prev_sample[k].detach().float().clone()
 
     @property
@@ -532,6 +572,10 @@ class Tracer:
             self_attention=self_maps,
             self_attention_steps=self_steps,
             self_layers=[self._self_layers[name] for name in self_maps],
+            noise_pred_uncond=self._predictions(0),
+            noise_pred_text=self._predictions(1),
+            prompt_embeds=self._embedding(0),
+            negative_prompt_embeds=self._embedding(1),
         )
 
 
