@@ -11,6 +11,7 @@ Data flows one way: loading → trace (attention + steps + tokens) → result �
 """
 
 from . import render
+from .explain import ImageExplanation, explain_image
 from .generate import Cancelled, generate
 from .loading import PRESETS, ModelUnavailableError, load_pipeline
 from .noising import noise_image
@@ -27,6 +28,8 @@ __all__ = [
     "Filters",
     "generate",
     "noise_image",
+    "explain_image",
+    "ImageExplanation",
     "Settings",
     "SCHEDULERS",
     "Cancelled",

@@ -144,7 +144,9 @@ def _unet(pipe, x_t: torch.Tensor, t: int, conditioning: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def noise_image(pipe, image, prompt: str, timestep: int, seed: int = 0, size: tuple[int, int] | None = None):
+def noise_image(
+    pipe, image, prompt: str, timestep: int, seed: int = 0, size: tuple[int, int] | None = None, **trace_options
+):
     """One training example, traced: `image` noised to `timestep` and the U-Net's prediction for `prompt`.
 
     Returns a one-step `TraceResult` (on the CPU, like a generation's):
@@ -157,6 +159,7 @@ def noise_image(pipe, image, prompt: str, timestep: int, seed: int = 0, size: tu
       loss, training_target()  the example's training loss: MSE between the output and what training asks for
       schedule_timesteps / schedule_sigmas   the training schedule, every t (ᾱ_t = 1 / (1 + σ_t²))
     `prompt` "" asks for the noise with no caption (what guidance calls the unconditional prediction).
+    `trace_options` go to `sdviz.trace` (e.g. keep_queries=True, self_attention=True: see `sdviz.explain`).
     """
     if prompt is None or not isinstance(prompt, str):
         raise TypeError(f'prompt must be text ("" for no caption); got {type(prompt).__name__}')
@@ -169,7 +172,7 @@ def noise_image(pipe, image, prompt: str, timestep: int, seed: int = 0, size: tu
         noise = _draw_noise(clean.shape, seed)  # [1, C, h, w]
         x_t = scheduler.add_noise(clean, noise, torch.tensor([t]))  # [1, C, h, w]
         # 2. One traced U-Net call and one scheduler step (which gives x0): a one-step trace.
-        with trace(pipe, prompt=prompt) as tracer:
+        with trace(pipe, prompt=prompt, **trace_options) as tracer:
             conditioning = _text_conditioning(pipe, [prompt], size)
             output = _unet(pipe, x_t, t, conditioning)  # [1, C, h, w]
             generator = torch.Generator("cpu").manual_seed(int(seed) + 1)  # DDPM's step adds noise toward t−1

@@ -28,6 +28,7 @@ from .attention import project_keys
 from .tokens import tokens_from_ids, truncated_text
 
 DEFAULT_MAX_SIDE = 16  # without `query_resolutions`, layers whose sides are at most this many pixels keep queries
+STEPS_PER_CHUNK = 8  # steps recomputed at once by `attend` (SD 1.5, 16×16 layer: a 5 MB float32 temporary)
 
 NO_QUERIES = (
     "run.attend needs the queries of the run's cross-attention layers, and this run was traced without them: "
@@ -101,12 +102,13 @@ def attend(run, pipe, text: str):
             ) from None
         param = next(attn.parameters())
         keys_t = project_keys(attn, context.to(param.device))[0]  # [heads, d, 77], float32
-        per_step = []
-        for q in queries:  # [heads, hw, d], one step at a time: the float32 temporary stays one layer's size
-            probs = torch.matmul(q.to(param.device).float(), keys_t).softmax(dim=-1).mean(0)  # [hw, 77]
-            per_step.append(probs[:, :keep].T.reshape(keep, layer.height, layer.width).to(dtype).cpu())
+        chunks = []
+        for q in queries.split(STEPS_PER_CHUNK):  # [s, heads, hw, d]: a few steps at a time bound the temporary
+            probs = torch.matmul(q.to(param.device).float(), keys_t).softmax(dim=-1).mean(1)  # [s, hw, 77]
+            probs = probs[..., :keep].transpose(1, 2)  # [s, T, hw]
+            chunks.append(probs.reshape(len(q), keep, layer.height, layer.width).to(dtype).cpu())
         layers.append(layer)
-        maps[layer.name] = torch.stack(per_step)  # [S, T, h, w]
+        maps[layer.name] = torch.cat(chunks)  # [S, T, h, w]
     info = dataclasses.replace(
         run.info,
         prompt=text,

@@ -547,6 +547,7 @@ class TraceResult:
         if normalize and out.max() > 0:
             out = out / out.max()
         return out
+
     # -- forward diffusion and the training loss (a run made by sdviz.noise_image) -----------------------
     def _noised(self):
         if self.clean_latent is None or self.noise is None or self.num_steps != 1:

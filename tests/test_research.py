@@ -193,3 +193,41 @@ def test_research_records_round_trip_through_a_saved_trace(run, tmp_path):
     assert torch.equal(loaded.self_attention_steps, run.self_attention_steps)
     point = (0.3, 0.6)
     assert np.array_equal(loaded.self_attention_map(point), run.self_attention_map(point))
+
+
+# -- explain a real image -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def toy():
+    pipe = sdviz.load_pipeline("toy")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_explain_image_maps_caption_and_other_words_with_one_unet_call_per_timestep(toy):
+    from sdviz.toy import world
+
+    scene = world.render([world.Obj("red", "circle", "large", "on the left"), world.Obj("blue", "square")],
+                         __import__("random").Random(0))  # fmt: skip
+    calls, handle = count_unet_calls(toy)
+    try:
+        explanation = sdviz.explain_image(toy, scene.image, scene.caption, words=["zebra", "green triangle", "red"],
+                                          timesteps=(300, 600))  # fmt: skip
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # one per timestep; the other words come from the kept queries
+    assert explanation.run.timesteps.tolist() == [300, 600] and explanation.timesteps == (300, 600)
+    assert list(explanation.others) == ["zebra", "green triangle"]  # "red" is the caption's own
+    for i, t in enumerate((300, 600)):  # each timestep's maps are noise_image's at that timestep
+        alone = sdviz.noise_image(toy, scene.image, scene.caption, t, seed=0)
+        assert np.array_equal(explanation.run.heatmap("circle", steps=i), alone.heatmap("circle"))
+    for word in ("zebra", "green triangle"):
+        heat = explanation.heatmap(word, size="image")
+        assert heat.shape == (64, 64) and np.isfinite(heat).all() and heat.max() > 0
+    masks = {"red": scene.masks[0], "circle": scene.masks[0], "blue": scene.masks[1], "square": scene.masks[1]}
+    scores = explanation.scores(masks)
+    assert set(scores) == set(masks) and all(0 <= s["iou"] <= 1 and isinstance(s["pointing"], bool)
+                                             for s in scores.values())  # fmt: skip
+    red = explanation.heatmap("red", size="image")  # the built-in model's colour maps land on their object
+    assert red[scene.masks[0]].mean() > 2 * red[~scene.masks[0]].mean()
+    with pytest.raises(ValueError, match="caption"):
+        sdviz.explain_image(toy, scene.image, " ")
