@@ -358,9 +358,13 @@ def test_live_previews_cost_at_most_5_percent_of_a_run(app_server):
 VIEW_NAMES = ["negative", "opacity", "colormap", "from_step", "to_step", "blocks", "resolutions", "layers", "head"]
 API = {
     "/generate": ["model", "prompt", "negative_prompt", "scheduler", "steps", "guidance", "seed", "random_seed",
-                  "width", "height", "keep_heads"],
-    "/heatmap": ["word", *VIEW_NAMES],
-    "/word_grid": VIEW_NAMES,
+                  "width", "height", "keep_heads", "keep_queries", "self_attention"],
+    "/heatmap": ["word", *VIEW_NAMES, "contrast", "temperature"],
+    "/word_grid": [*VIEW_NAMES, "contrast", "temperature"],
+    "/attend": ["other_words", *VIEW_NAMES[1:]],
+    "/self_attention": ["x", "y", "from_step", "to_step", "resolutions", "opacity", "colormap"],
+    "/explain": ["image", "caption", "other_words", "timesteps", "model"],
+    "/scene": ["scene"],
     "/step": ["step", "follow", "word", *VIEW_NAMES],
     "/downloads": ["word", *VIEW_NAMES],
     "/decode": ["step"],

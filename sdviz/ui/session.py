@@ -87,9 +87,18 @@ def strongest_word(run: TraceResult) -> str | None:
 
 
 def heatmap_image(
-    session: Session, word: str, negative: bool, filters: Filters, opacity, colormap: str, step: int | None = None
+    session: Session,
+    word: str,
+    negative: bool,
+    filters: Filters,
+    opacity,
+    colormap: str,
+    step: int | None = None,
+    contrast=None,
+    temperature: float = 1.0,
 ) -> Image.Image:
-    """The word's attention over the final image; `step` (0-based) narrows it to one step."""
+    """The word's attention over the final image; `step` (0-based) narrows it to one step; `contrast` (words)
+    shares each pixel among them (TraceResult.heatmap)."""
     run = session.run
     if not word:
         raise ValueError(
@@ -100,5 +109,7 @@ def heatmap_image(
     kwargs = filters.kwargs()
     if step is not None:
         kwargs["steps"] = step
+    if contrast:
+        kwargs.update(contrast=list(contrast), temperature=float(temperature))
     heat = run.heatmap(word, size="image", negative=negative, **kwargs)
     return render.overlay(session.image, heat, colormap, float(opacity))

@@ -10,6 +10,7 @@ from PIL import Image
 from ... import render
 from ..session import BLOCKS, Session, filters_from_form, heatmap_image, require, strongest_word, words_of
 from ..wiring import App, View, handler
+from . import research_words
 
 TITLE, ID = "Which words attend where", "words"
 COLORMAPS = ["jet", "inferno", "viridis", "magma", "turbo", "gray"]
@@ -54,11 +55,14 @@ def heatmap(
     layers: list,
     head,
     session,
+    contrast: list | None = None,
+    temperature: float = 1.0,
 ) -> dict:
-    """One word's map over the image, averaged over the chosen steps, blocks, resolutions, layers and heads."""
+    """One word's map over the image, averaged over the chosen steps, blocks, resolutions, layers and heads;
+    with `contrast` (two or more words), its share of each pixel among them (research_words)."""
     session = require(session)
     filters = filters_from_form(session.run, from_step, to_step, blocks, resolutions, layers, head)
-    return {"heatmap": heatmap_image(session, word, negative, filters, opacity, colormap)}
+    return {"heatmap": heatmap_image(session, word, negative, filters, opacity, colormap, None, contrast, temperature)}
 
 
 def word_grid(
@@ -72,14 +76,20 @@ def word_grid(
     layers: list,
     head,
     session,
+    contrast: list | None = None,
+    temperature: float = 1.0,
 ) -> dict:
-    """Every word's map side by side, with the same filters."""
+    """Every word's map side by side, with the same filters; with `contrast`, the chosen words' shares."""
     session = require(session)
     run = session.run
     filters = filters_from_form(run, from_step, to_step, blocks, resolutions, layers, head)
     chosen = words_of(run, negative)
     if not chosen:
         return {"grid": None}
+    shares = {}
+    if contrast:  # the chosen words only, in the prompt's order, each pixel shared among them
+        chosen = [w for w in chosen if w in set(contrast)] or chosen
+        shares = dict(contrast=list(contrast), temperature=float(temperature))
     fig = render.word_grid(
         run,
         session.image,
@@ -89,6 +99,7 @@ def word_grid(
         negative=negative,
         size="image",
         **filters.kwargs(),
+        **shares,
     )
     return {"grid": render.to_image(fig)}
 
@@ -186,6 +197,7 @@ class Panel:
                 )
                 layers = gr.Dropdown([], multiselect=True, allow_custom_value=True, label="Layers (empty = all)")
                 head = gr.Dropdown([("mean of all heads", -1)], value=-1, allow_custom_value=True, label="Heads")
+        self.research = research_words.Box(app)  # words not in the prompt; contrast
         with gr.Row():
             with gr.Column():
                 gr.Markdown(ASK, elem_classes="sdviz-explain")
@@ -208,10 +220,12 @@ class Panel:
             list(words_out.values()),
             api_name="words",
         )
+        contrast = [self.research.contrast, self.research.temperature]
+        contrast_triggers = [self.research.contrast.input, self.research.temperature.input]
         gr.on(
-            [self.word.input, *view.filter_triggers()],
+            [self.word.input, *view.filter_triggers(), *contrast_triggers],
             handler(heatmap, {"heatmap": self.heatmap}),
-            [self.word, *view.inputs(), app.session],
+            [self.word, *view.inputs(), app.session, *contrast],
             self.heatmap,
             api_name="heatmap",
             preprocess=False,  # the word chips' choices are per session: a fresh session must hear "generate first"
@@ -219,9 +233,9 @@ class Panel:
             show_progress="hidden",
         )
         gr.on(
-            [view.negative.input, *view.filter_triggers()],
+            [view.negative.input, *view.filter_triggers(), *contrast_triggers],
             handler(word_grid, {"grid": self.grid}),
-            [*view.inputs(), app.session],
+            [*view.inputs(), app.session, *contrast],
             self.grid,
             api_name="word_grid",
             trigger_mode="always_last",
@@ -248,3 +262,4 @@ class Panel:
             "head": view.head,
         }
         app.after_run(handler(show_run, run_out), [app.session, view.opacity, view.colormap], list(run_out.values()))
+        self.research.wire(app)
