@@ -107,7 +107,7 @@ class Panel:
         with gr.Row():
             with gr.Column(scale=2):
                 self.image = gr.Image(label="Image", type="numpy", format="png", sources=["upload", "clipboard"],
-                                      elem_id="sdviz-explain-image", height=260)  # fmt: skip
+                                      elem_id="sdviz-explain-image", height=260, elem_classes="sdviz-fill")  # fmt: skip
                 self.scene = gr.Dropdown(
                     [(f"{i + 1}: {s.caption}", i + 1) for i, s in enumerate(scenes())],
                     value=None,
