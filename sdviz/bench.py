@@ -222,22 +222,26 @@ def measure_research(full: bool, memory_size: int, memory_steps: int, prompt: st
     with trace(pipe, keep_queries=True, self_attention=True) as tracer:
         pipe(prompt, generator=torch.Generator("cpu").manual_seed(0), **kwargs)
     run = tracer.result
-    queries = _bytes(run.queries.values()) / probe * memory_steps
-    self_attention = _bytes(run.self_attention.values()) / probe * memory_steps
+    recorded = run.num_steps  # PNDM, the SD 1.5 scheduler, records one step more than asked
+    queries = _bytes(run.queries.values()) / recorded * memory_steps
+    self_attention = _bytes(run.self_attention.values()) / recorded * memory_steps
     from .queries import encode_text
 
     text = "a zebra under a green tree"
+    encode_text(pipe, text)  # warm-up
     start = time.perf_counter()
     encode_text(pipe, text)
     encode_s = time.perf_counter() - start
     start = time.perf_counter()
     run.attend(pipe, text)
-    attend_sd_per_step = max(0.0, time.perf_counter() - start - encode_s) / probe  # the text is encoded once
+    attend_sd_per_step = max(0.0, time.perf_counter() - start - encode_s) / recorded  # the text is encoded once
+    sd_error = _own_prompt_error(run, pipe, prompt)
     toy = load_pipeline("toy")
     toy.set_progress_bar_config(disable=True)
     with trace(toy, keep_queries=True) as tracer:
         toy(prompt, num_inference_steps=20, guidance_scale=4.0, generator=torch.Generator("cpu").manual_seed(0))
     toy_run = tracer.result
+    toy_error = _own_prompt_error(toy_run, toy, prompt)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -255,7 +259,19 @@ def measure_research(full: bool, memory_size: int, memory_steps: int, prompt: st
         "attend_sd15_encode_s": encode_s, "attend_sd15_per_step_s": attend_sd_per_step,
         "attend_sd15_50_steps_s": encode_s + attend_sd_per_step * memory_steps,
         "attend_toy_20_steps_median_ms": 1000 * statistics.median(times),
+        "own_prompt_error_of_peak_sd15": sd_error, "own_prompt_error_of_peak_toy": toy_error,
     }  # fmt: skip
+
+
+def _own_prompt_error(run, pipe, prompt: str) -> float:
+    """The largest |attend(own prompt) − recorded| over every word's heatmap, as a share of that word's peak."""
+    again = run.attend(pipe, prompt)
+    kept = [layer.name for layer in again.layers]
+    worst = 0.0
+    for word in run.words:
+        recorded = run.heatmap(list(word.tokens), layers=kept)
+        worst = max(worst, float(abs(again.heatmap(list(word.tokens)) - recorded).max() / recorded.max()))
+    return worst
 
 
 def main(argv=None) -> int:
@@ -304,7 +320,10 @@ def main(argv=None) -> int:
             f"  run.attend: {fig['attend_sd15_encode_s'] * 1000:.0f} ms to encode the text + "
             f"{fig['attend_sd15_per_step_s'] * 1000:.1f} ms a step ({fig['attend_sd15_50_steps_s']:.2f} s for "
             f"{fig['memory_steps']} steps); built-in model, 20 steps: "
-            f"{fig['attend_toy_20_steps_median_ms']:.1f} ms (median of {args.repeats})"
+            f"{fig['attend_toy_20_steps_median_ms']:.1f} ms (median of {args.repeats})\n"
+            f"  attend with the run's own prompt: every word's heatmap within "
+            f"{fig['own_prompt_error_of_peak_sd15']:.1e} (SD 1.5 architecture) / "
+            f"{fig['own_prompt_error_of_peak_toy']:.1e} (built-in model) of its peak"
         )
         if args.json:
             with open(args.json, "w") as f:

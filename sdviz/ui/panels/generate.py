@@ -279,7 +279,7 @@ class Panel:
                         True, label="Keep queries: maps of words not in the prompt (SD 1.5 512², 25 steps: +86 MB)"
                     )
                     self.self_attention = gr.Checkbox(
-                        True, label="Record self-attention: where a clicked pixel looks (SD 1.5 512², 25 steps: +16 MB)"
+                        True, label="Record self-attention: where a clicked pixel looks (SD 1.5 512², 25 steps: +17 MB)"
                     )
                 gr.Markdown(EXPLAIN, elem_classes="sdviz-explain")
                 if app.examples:
