@@ -92,8 +92,8 @@ def explain(image, caption: str, other_words: str, timesteps: str, model: str, *
     maps = {w: found.heatmap(w, size="image") for w in found.words}
     grid = render.to_image(render.heatmap_grid(found.image, maps))
     h, w = found.image.shape[:2]
-    note = (f"Timesteps {', '.join(map(str, found.timesteps))}: one U-Net call each, maps averaged over them and "
-            f"the layers; the image was cropped and resized to {w}×{h}.")  # fmt: skip
+    note = (f"**Where the words land.** Timesteps {', '.join(map(str, found.timesteps))}: one U-Net call each, "
+            f"maps averaged over them and the layers; the image was cropped and resized to {w}×{h}.")  # fmt: skip
     known = matching_scene(picture)
     scores = score_table(found.scores(scene_masks(known))) if known is not None else (
         "Not a shapes-world scene: no masks to score against.")  # fmt: skip
@@ -124,7 +124,8 @@ class Panel:
                 self.button = gr.Button("Explain", variant="primary", elem_id="sdviz-explain-go")
         self.note = gr.Markdown("", elem_id="sdviz-explain-note")
         with gr.Row():
-            self.maps = gr.Image(label="Where the words land", interactive=False, format="png",
+            # No label drawn over the picture: it would hide the first map's title.
+            self.maps = gr.Image(label="Where the words land", show_label=False, interactive=False, format="png",
                                  elem_id="sdviz-explain-maps")  # fmt: skip
             self.scores = gr.Markdown("", elem_id="sdviz-explain-scores")
 
