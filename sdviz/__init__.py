@@ -11,8 +11,10 @@ Data flows one way: loading → trace (attention + steps + tokens) → result �
 """
 
 from . import render
+from .explain import ImageExplanation, explain_image
 from .generate import Cancelled, generate
 from .loading import PRESETS, ModelUnavailableError, load_pipeline
+from .noising import noise_image
 from .result import Filters, RunInfo, TraceResult
 from .settings import SCHEDULERS, Settings
 from .trace import Tracer, trace
@@ -25,6 +27,9 @@ __all__ = [
     "RunInfo",
     "Filters",
     "generate",
+    "noise_image",
+    "explain_image",
+    "ImageExplanation",
     "Settings",
     "SCHEDULERS",
     "Cancelled",

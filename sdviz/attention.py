@@ -61,16 +61,25 @@ def attention_probs(attn, hidden_states: torch.Tensor, keys_t: torch.Tensor) -> 
     hidden_states: [b, hw, c] (or [b, c, h, w]); keys_t: `project_keys` output [b, heads, d, 77]
     → probs [b, heads, hw, 77]. Follows the layer's own pre-processing (group norm, q/k norms).
     """
+    return torch.matmul(project_queries(attn, hidden_states).float(), keys_t).softmax(dim=-1)
+
+
+def project_queries(attn, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The layer's queries: hidden_states [b, hw, c] (or [b, c, h, w]) → [b, heads, hw, d], in the model's dtype.
+
+    The layer's own pre-processing (group norm, to_q, q norm): what `attention_probs` multiplies with the keys,
+    and what `sdviz.trace(keep_queries=True)` keeps.
+    """
     if hidden_states.ndim == 4:
         b, c, h, w = hidden_states.shape
         hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
     query = attn.to_q(hidden_states)
-    query = query.view(query.shape[0], -1, attn.heads, keys_t.shape[-2]).transpose(1, 2)  # [b, heads, hw, d]
+    query = query.view(query.shape[0], -1, attn.heads, query.shape[-1] // attn.heads).transpose(1, 2)
     if attn.norm_q is not None:
         query = attn.norm_q(query)
-    return torch.matmul(query.float(), keys_t).softmax(dim=-1)
+    return query
 
 
 def untraceable(attn) -> str | None:

@@ -4,6 +4,9 @@ Times traced and untraced generations interleaved in one process (median of --re
 alternating so drift cancels) and reports the memory a trace holds. Memory is measured on a short
 run at --memory-size and scaled to --memory-steps: every step stores tensors of the same shapes.
 
+`--research` instead measures the research records of issue 14 (kept queries, self-attention) and
+`run.attend`.
+
 `--app` instead serves the web app in-process on the built-in model and times, interleaved, the
 library's `sdviz.generate` against the app's `/generate` through `gradio_client` (same settings), and
 a `/heatmap` re-render: in the handler alone and as an HTTP round trip.
@@ -281,6 +284,77 @@ def measure_threads(repeats: int) -> dict:
             for (name, threads, load), values in times.items()}  # fmt: skip
 
 
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure_research(full: bool, memory_size: int, memory_steps: int, prompt: str, repeats: int) -> dict:
+    """What the research records cost (issue 14): the memory of `keep_queries=True` and `self_attention=True`
+    at their defaults for SD 1.5 at `memory_size`², scaled from a 2-step run to `memory_steps` (every step
+    keeps tensors of the same shapes), and the time of `run.attend` — on that run (per step) and on the
+    built-in model (20 steps, median of `repeats`)."""
+    from . import load_pipeline
+
+    pipe = build_random_pipeline("sd1", full=full)
+    pipe.set_progress_bar_config(disable=True)
+    probe = 2
+    kwargs = dict(num_inference_steps=probe, height=memory_size, width=memory_size, guidance_scale=7.5,
+                  output_type="latent")  # fmt: skip
+    with trace(pipe, keep_queries=True, self_attention=True) as tracer:
+        pipe(prompt, generator=torch.Generator("cpu").manual_seed(0), **kwargs)
+    run = tracer.result
+    recorded = run.num_steps  # PNDM, the SD 1.5 scheduler, records one step more than asked
+    queries = _bytes(run.queries.values()) / recorded * memory_steps
+    self_attention = _bytes(run.self_attention.values()) / recorded * memory_steps
+    from .queries import encode_text
+
+    text = "a zebra under a green tree"
+    encode_text(pipe, text)  # warm-up
+    start = time.perf_counter()
+    encode_text(pipe, text)
+    encode_s = time.perf_counter() - start
+    start = time.perf_counter()
+    run.attend(pipe, text)
+    attend_sd_per_step = max(0.0, time.perf_counter() - start - encode_s) / recorded  # the text is encoded once
+    sd_error = _own_prompt_error(run, pipe, prompt)
+    toy = load_pipeline("toy")
+    toy.set_progress_bar_config(disable=True)
+    with trace(toy, keep_queries=True) as tracer:
+        toy(prompt, num_inference_steps=20, guidance_scale=4.0, generator=torch.Generator("cpu").manual_seed(0))
+    toy_run = tracer.result
+    toy_error = _own_prompt_error(toy_run, toy, prompt)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        toy_run.attend(toy, "a green triangle")
+        times.append(time.perf_counter() - start)
+    return {
+        "width": "full" if full else "tiny", "memory_size": memory_size, "memory_steps": memory_steps,
+        "threads": torch.get_num_threads(),
+        "query_layers": len(run.queries), "layers": len(run.layers),
+        "query_sides": sorted({la.height for la in run.layers if la.name in run.queries}),
+        "queries_mb": queries / 1e6, "queries_mib": queries / 2**20,
+        "self_attention_layers": len(run.self_layers),
+        "self_attention_sides": sorted({la.height for la in run.self_layers}),
+        "self_attention_mb": self_attention / 1e6, "self_attention_mib": self_attention / 2**20,
+        "attend_sd15_encode_s": encode_s, "attend_sd15_per_step_s": attend_sd_per_step,
+        "attend_sd15_50_steps_s": encode_s + attend_sd_per_step * memory_steps,
+        "attend_toy_20_steps_median_ms": 1000 * statistics.median(times),
+        "own_prompt_error_of_peak_sd15": sd_error, "own_prompt_error_of_peak_toy": toy_error,
+    }  # fmt: skip
+
+
+def _own_prompt_error(run, pipe, prompt: str) -> float:
+    """The largest |attend(own prompt) − recorded| over every word's heatmap, as a share of that word's peak."""
+    again = run.attend(pipe, prompt)
+    kept = [layer.name for layer in again.layers]
+    worst = 0.0
+    for word in run.words:
+        recorded = run.heatmap(list(word.tokens), layers=kept)
+        worst = max(worst, float(abs(again.heatmap(list(word.tokens)) - recorded).max() / recorded.max()))
+    return worst
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sdviz.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -315,10 +389,37 @@ def main(argv=None) -> int:
         action="store_true",
         help="instead: 1 vs 2 threads, quiet vs one other busy process, built-in model and an SD1.5-size U-Net",
     )
+    parser.add_argument(
+        "--research",
+        action="store_true",
+        help="instead: the memory of keep_queries and self_attention at their defaults (SD 1.5 architecture at "
+        "--memory-size, scaled to --memory-steps; with --full at real width) and the time of run.attend",
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.research:
+        fig = measure_research(args.full, args.memory_size, args.memory_steps, args.prompt, args.repeats)
+        print(
+            f"SD1.5 architecture ({fig['width']} width) at {fig['memory_size']}², {fig['memory_steps']} steps, "
+            f"{fig['threads']} threads:\n"
+            f"  keep_queries: {fig['query_layers']} of {fig['layers']} cross-attention layers (sides "
+            f"{fig['query_sides']}): {fig['queries_mb']:.1f} MB ({fig['queries_mib']:.1f} MiB)\n"
+            f"  self_attention: {fig['self_attention_layers']} layers (sides {fig['self_attention_sides']}): "
+            f"{fig['self_attention_mb']:.1f} MB ({fig['self_attention_mib']:.1f} MiB)\n"
+            f"  run.attend: {fig['attend_sd15_encode_s'] * 1000:.0f} ms to encode the text + "
+            f"{fig['attend_sd15_per_step_s'] * 1000:.1f} ms a step ({fig['attend_sd15_50_steps_s']:.2f} s for "
+            f"{fig['memory_steps']} steps); built-in model, 20 steps: "
+            f"{fig['attend_toy_20_steps_median_ms']:.1f} ms (median of {args.repeats})\n"
+            f"  attend with the run's own prompt: every word's heatmap within "
+            f"{fig['own_prompt_error_of_peak_sd15']:.1e} (SD 1.5 architecture) / "
+            f"{fig['own_prompt_error_of_peak_toy']:.1e} (built-in model) of its peak"
+        )
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(fig, f, indent=2)
+        return 0
     if args.thread_counts:
         fig = measure_threads(args.repeats)
         print(f"medians of {args.repeats} runs each (load average before: {os.getloadavg()[0]:.1f}):")

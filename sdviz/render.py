@@ -320,3 +320,34 @@ def region_bars(
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# -- research views (issue 14): maps from several traces, a marked point -------------------------------
+def heatmap_grid(image, heatmaps: dict, cols: int = 4, cmap: str = "jet", alpha: float = 0.5) -> Figure:
+    """One overlay per entry of {title: heatmap [h, w]}, titled, in a grid (e.g. words not in the prompt)."""
+    if not heatmaps:
+        raise ValueError("no maps to show")
+    cols = min(cols, len(heatmaps))
+    rows = math.ceil(len(heatmaps) / cols)
+    fig = Figure(figsize=(2.2 * cols, 2.4 * rows))
+    for i, (title, heat) in enumerate(heatmaps.items()):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(overlay(image, heat, cmap, alpha))
+        ax.set_title(title, fontsize=11)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def mark_point(image, point, colour=(255, 255, 255)) -> Image.Image:
+    """The image with a small crosshair (in `colour`, outlined in black) at `point` = (x, y) in fractions 0–1."""
+    from PIL import ImageDraw
+
+    picture = _pil(image).copy()
+    draw = ImageDraw.Draw(picture)
+    x, y = point[0] * (picture.width - 1), point[1] * (picture.height - 1)
+    arm = max(3, min(picture.size) // 25)
+    for width, fill in ((max(3, arm // 2), (0, 0, 0)), (max(1, arm // 4), colour)):
+        draw.line([(x - arm, y), (x + arm, y)], fill=fill, width=width)
+        draw.line([(x, y - arm), (x, y + arm)], fill=fill, width=width)
+    return picture

@@ -7,9 +7,14 @@
 What it installs, and removes in `finally` whatever happens:
 - a forward pre-hook (`CrossAttentionRecorder`) on each cross-attention (attn2) layer: it reads the
   layer's inputs and leaves the layer, its processor and `cross_attention_kwargs` alone;
-- a forward pre-hook on the U-Net (latent size, whether this call carries classifier-free guidance);
+- a forward pre-hook on the U-Net (latent size, whether this call carries classifier-free guidance, and
+  at its first call the text vectors it gets) and a forward hook on its output (the two predictions,
+  unconditional and with the text, before the pipeline combines them by guidance);
 - a forward hook on the first text encoder (the token ids of each call, and its output, which tells
   which call was the prompt and which the negative: the one the U-Net's context rows are made of);
+- opt-in (`self_attention=True`): a forward pre-hook (`SelfAttentionRecorder`) on each self-attention
+  (attn1) layer, which reads its input the same way; `keep_queries=True` adds nothing to install (the
+  cross-attention recorder keeps the queries it computes anyway);
 - a wrapper of `step` on the scheduler instance: each call closes one step (x_t, guided model
   output, x0, timestep, sigma, alpha-bar) and the attention recorded since the last one. Diffusers
   has no hook that sees the scheduler's inputs and its x0 together, so this one method is wrapped,
@@ -29,12 +34,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import queries as query_store
+from . import self_attention as self_store
 from .attention import (
     CrossAttentionRecorder,
     LayerInfo,
-    attention_probs,
     block_of,
     project_keys,
+    project_queries,
     text_context,
     untraceable,
 )
@@ -56,6 +63,9 @@ class _Step:
     x0: torch.Tensor  # [C, h, w]
     attention: dict = field(default_factory=dict)  # layer → [hw, T] (or [heads, hw, T])
     attention_negative: dict = field(default_factory=dict)
+    queries: dict = field(default_factory=dict)  # layer → [heads, hw, d] (keep_queries)
+    self_attention: dict = field(default_factory=dict)  # attn1 layer → [hw, hw] (self_attention, at chosen steps)
+    predictions: tuple | None = None  # the U-Net's (unconditional, text) outputs before guidance, [C, h, w] each
 
 
 def _layer_size(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -109,6 +119,13 @@ class Tracer:
                         pipeline gets `prompt_embeds` instead of text
       negative_prompt – the negative prompt text, when known (kept in the result; names the negative's
                         tokens when the pipeline gets `negative_prompt_embeds`)
+    Research options (memory measured by `python -m sdviz.bench --research`):
+      keep_queries    – keep each cross-attention layer's queries (conditional branch, in `dtype`), so that
+                        `run.attend(pipe, text)` can map any text afterwards (sdviz.queries)
+      query_resolutions – which layers keep them, by height (e.g. [32, 16, 8]); default: those at ≤ 16×16
+      self_attention  – record the self-attention (attn1) maps, head mean, conditional branch (sdviz.self_attention)
+      self_attention_resolutions – which attn1 layers, by height; default: those at ≤ 16×16
+      self_attention_steps – which steps (0-based indices); default: every step
     """
 
     def __init__(
@@ -121,6 +138,11 @@ class Tracer:
         dtype: torch.dtype = torch.float16,
         prompt: str | None = None,
         negative_prompt: str | None = None,
+        keep_queries: bool = False,
+        query_resolutions=None,
+        self_attention: bool = False,
+        self_attention_resolutions=None,
+        self_attention_steps=None,
     ):
         for part in ("unet", "scheduler"):
             if getattr(pipe, part, None) is None:
@@ -136,6 +158,11 @@ class Tracer:
         self.dtype = dtype
         self.prompt = prompt
         self.negative_prompt = negative_prompt
+        self.keep_queries = bool(keep_queries)
+        self.query_resolutions = _whole_numbers(query_resolutions, "query_resolutions")
+        self.self_attention = bool(self_attention)
+        self.self_attention_resolutions = _whole_numbers(self_attention_resolutions, "self_attention_resolutions")
+        self.self_attention_steps = _whole_numbers(self_attention_steps, "self_attention_steps")
         self.result: TraceResult | None = None
         self._reset()
 
@@ -159,6 +186,11 @@ class Tracer:
         self._keys: dict = {}  # layer → (context, its version, rows, projected keys)
         self._preview = (None, "none")
         self._truncated = ""
+        self._pending_queries: dict = {}  # layer → queries, since the last scheduler step
+        self._pending_self: dict = {}  # attn1 layer → map, since the last scheduler step
+        self._self_layers: dict[str, LayerInfo] = {}
+        self._embeds: tuple | None = None  # the U-Net's text vectors (prompt [77, d], negative or None), once
+        self._pending_predictions: tuple | None = None  # (unconditional, text) [C, h, w], since the last step
 
     # -- install / restore ----------------------------------------------------------------------
     def __enter__(self) -> Tracer:
@@ -178,8 +210,14 @@ class Tracer:
         ]
         if not layers:
             raise RuntimeError(f"{type(unet).__name__} has no cross-attention layers to trace")
+        self_layers = [
+            (name, m)
+            for name, m in unet.named_modules()
+            if hasattr(m, "processor") and getattr(m, "is_cross_attention", True) is False
+        ]
+        recorders = (CrossAttentionRecorder, self_store.SelfAttentionRecorder)
         if hasattr(scheduler.step, _MARK) or any(
-            isinstance(hook, CrossAttentionRecorder) for _, m in layers for hook in m._forward_pre_hooks.values()
+            isinstance(hook, recorders) for _, m in layers + self_layers for hook in m._forward_pre_hooks.values()
         ):
             raise RuntimeError(
                 "this pipeline is already being traced: one `sdviz.trace(pipe)` at a time "
@@ -204,7 +242,11 @@ class Tracer:
             for name, module in layers:
                 recorder = CrossAttentionRecorder(name, self._record_attention)
                 self._handles.append(module.register_forward_pre_hook(recorder, with_kwargs=True))
+            for name, module in self_layers if self.self_attention else ():
+                recorder = self_store.SelfAttentionRecorder(name, self._record_self_attention)
+                self._handles.append(module.register_forward_pre_hook(recorder, with_kwargs=True))
             self._handles.append(unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
+            self._handles.append(unet.register_forward_hook(self._on_unet_output, with_kwargs=True))
             encoder = _first(pipe, "text_encoder", "text_encoder_2")
             if encoder is not None:
                 self._handles.append(encoder.register_forward_hook(self._on_text_encoder, with_kwargs=True))
@@ -274,6 +316,38 @@ class Tracer:
             self._text_dim = int(context.shape[-1])
             if self._texts is None:
                 self._sort_texts(context)
+            self._record_embeddings(context)
+
+    # -- around guidance: the text vectors the U-Net gets, its two predictions -------------------------
+    def _record_embeddings(self, context: torch.Tensor):
+        """The recorded rows of the U-Net's text context [batch, 77, d], at its first call: what the text
+        encoder(s) made of the prompt (and of the negative prompt, when guidance runs)."""
+        if self._embeds is not None:
+            return
+        cond, neg = self._rows
+        self._embeds = tuple(None if row is None else context[row].detach().float().clone() for row in (cond, neg))
+
+    def _on_unet_output(self, module, args, kwargs, output):
+        """With guidance, the U-Net's output [2B, C, h, w] holds [unconditional, text] halves: keep the recorded
+        image's row of each, before the pipeline combines them (its step then gets the guided output)."""
+        sample = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
+        cond, neg = self._rows
+        if neg is None or not isinstance(sample, torch.Tensor):
+            self._pending_predictions = None
+            return
+        self._pending_predictions = (sample[neg].detach().float().clone(), sample[cond].detach().float().clone())
+
+    def _predictions(self, which: int) -> torch.Tensor:
+        """Every step's unconditional (0) or text (1) prediction: float32 [S, C, h, w]; empty without guidance."""
+        kept = [s.predictions for s in self._steps]
+        if not kept or any(p is None for p in kept):
+            return torch.zeros(0)
+        return torch.stack([p[which] for p in kept]).cpu()
+
+    def _embedding(self, which: int) -> torch.Tensor:
+        """The prompt's (0) or the negative prompt's (1) text vectors, float32 [77, d]; empty when not seen."""
+        kept = None if self._embeds is None else self._embeds[which]
+        return torch.zeros(0) if kept is None else kept.cpu()
 
     def _sort_texts(self, context: torch.Tensor):
         """Name the tokens of the recorded rows of `context` [batch, T, d] (once, at the U-Net's first call).
@@ -326,16 +400,33 @@ class Tracer:
         cached = self._keys.get(name)
         if cached is None or cached[0] is not context or cached[1] != context._version or cached[2] != rows:
             cached = self._keys[name] = (context, context._version, rows, project_keys(attn, context[select]))
-        probs = attention_probs(attn, hidden_states[select], cached[3])  # [r, heads, hw, 77]
+        query = project_queries(attn, hidden_states[select])  # [r, heads, hw, d], the model's dtype
+        probs = torch.matmul(query.float(), cached[3]).softmax(dim=-1)  # [r, heads, hw, 77]
         if name not in self._layers:
             h, w = _layer_size(probs.shape[2], self._latent_hw)
             self._layers[name] = LayerInfo(name, block_of(name), h, w, attn.heads)
+        layer = self._layers[name]
+        if self.keep_queries and query_store.kept(layer.height, layer.width, self.query_resolutions):
+            self._pending_queries[name] = query[0].to(self.dtype, copy=True)  # [heads, hw, d], conditional row
         for row, (target, keep) in enumerate(zip((self._pending, self._pending_negative), self._keep)):
             if row >= len(rows):
                 break
             p = probs[row, :, :, :keep]  # [heads, hw, T]
             # [(heads,) hw, T]; the result lays the stacked steps out as [S, (heads,) T, h, w]
             target[name] = (p if self.per_head else p.mean(0)).to(self.dtype)
+
+    def _record_self_attention(self, name, attn, hidden_states):
+        step = len(self._steps)  # the step being computed: steps close at each scheduler.step
+        if self.self_attention_steps is not None and step not in self.self_attention_steps:
+            return
+        hw = hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[-2] * hidden_states.shape[-1]
+        h, w = _layer_size(hw, self._latent_hw)
+        if not self_store.kept(h, w, self.self_attention_resolutions):
+            return
+        if name not in self._self_layers:
+            self._self_layers[name] = LayerInfo(name, block_of(name), h, w, attn.heads)
+        probs = self_store.self_attention_probs(attn, hidden_states[self._rows[0]])  # [hw, hw], conditional row
+        self._pending_self[name] = probs.to(self.dtype)
 
     def _wrap_step(self, original_step):
         # wraps() keeps step's signature visible: pipelines pass `generator` and `eta` only to a
@@ -368,9 +459,14 @@ class Tracer:
                 x0=x0[k].detach().clone(),
                 attention=self._pending,
                 attention_negative=self._pending_negative,
+                queries=self._pending_queries,
+                self_attention=self._pending_self,
+                predictions=self._pending_predictions,
             )
         )
         self._pending, self._pending_negative = {}, {}
+        self._pending_queries, self._pending_self = {}, {}
+        self._pending_predictions = None
         self._final_latent = out.prev_sample[k].detach().float().clone()
 
     @property
@@ -388,6 +484,25 @@ class Tracer:
                 m = torch.stack(per_step).transpose(-1, -2)  # [S, (heads,) T, hw]
                 maps[layer.name] = m.reshape(*m.shape[:-1], layer.height, layer.width).cpu()
         return maps
+
+    def _stack_queries(self) -> dict[str, torch.Tensor]:
+        """Per layer that kept them at every step, the queries stacked: [S, heads, hw_l, d] on the CPU."""
+        out = {}
+        for name in self._layers:
+            per_step = [s.queries.get(name) for s in self._steps]
+            if per_step and all(q is not None for q in per_step):
+                out[name] = torch.stack(per_step).cpu()
+        return out
+
+    def _stack_self_attention(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per attn1 layer, its maps at the steps that recorded self-attention: ([S_sa, hw, hw] each, steps [S_sa])."""
+        steps = [i for i, s in enumerate(self._steps) if s.self_attention]
+        maps = {}
+        for name in self._self_layers:
+            per_step = [self._steps[i].self_attention.get(name) for i in steps]
+            if per_step and all(m is not None for m in per_step):
+                maps[name] = torch.stack(per_step).cpu()
+        return maps, torch.tensor(steps, dtype=torch.int64)
 
     def _series(self, attr: str) -> torch.Tensor:
         """Per step, one value or tensor of each step: [S] float32 or [S, C, h, w]."""
@@ -433,6 +548,7 @@ class Tracer:
         """The recording as a TraceResult: plain tensors on the CPU, no reference to the pipeline."""
         texts = self._texts or [([], [], "none")] * 2  # None when the U-Net never ran
         schedule = self._schedule or (torch.zeros(0), torch.zeros(0))
+        self_maps, self_steps = self._stack_self_attention()
         return TraceResult(
             tokens=texts[0][0],
             words=texts[0][1],
@@ -452,7 +568,25 @@ class Tracer:
             schedule_timesteps=schedule[0],
             schedule_sigmas=schedule[1],
             info=self._info(complete),
+            queries=self._stack_queries(),
+            self_attention=self_maps,
+            self_attention_steps=self_steps,
+            self_layers=[self._self_layers[name] for name in self_maps],
+            noise_pred_uncond=self._predictions(0),
+            noise_pred_text=self._predictions(1),
+            prompt_embeds=self._embedding(0),
+            negative_prompt_embeds=self._embedding(1),
         )
+
+
+def _whole_numbers(values, name: str) -> tuple[int, ...] | None:
+    """None, or `values` (an int or a list of them) as a tuple of ints ≥ 0; ValueError saying what to pass."""
+    if values is None:
+        return None
+    items = [values] if isinstance(values, int) else list(values)
+    if not items or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in items):
+        raise ValueError(f"{name} must be whole numbers ≥ 0 (e.g. [16, 8]), or None for the default; got {values!r}")
+    return tuple(items)
 
 
 def trace(
@@ -464,6 +598,11 @@ def trace(
     dtype: torch.dtype = torch.float16,
     prompt: str | None = None,
     negative_prompt: str | None = None,
+    keep_queries: bool = False,
+    query_resolutions=None,
+    self_attention: bool = False,
+    self_attention_resolutions=None,
+    self_attention_steps=None,
 ) -> Tracer:
     """Trace one generation of `pipe`. See `Tracer` for the options and the module docstring for how."""
     return Tracer(
@@ -474,4 +613,9 @@ def trace(
         dtype=dtype,
         prompt=prompt,
         negative_prompt=negative_prompt,
+        keep_queries=keep_queries,
+        query_resolutions=query_resolutions,
+        self_attention=self_attention,
+        self_attention_resolutions=self_attention_resolutions,
+        self_attention_steps=self_attention_steps,
     )

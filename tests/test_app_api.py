@@ -349,10 +349,14 @@ def test_live_previews_show_the_same_picture_as_the_step_view(app_server):
 VIEW_NAMES = ["negative", "opacity", "colormap", "from_step", "to_step", "blocks", "resolutions", "layers", "head"]
 API = {
     "/generate": ["model", "prompt", "negative_prompt", "scheduler", "steps", "guidance", "seed", "random_seed",
-                  "width", "height", "keep_heads"],
-    "/heatmap": ["word", *VIEW_NAMES],
-    "/word_grid": [*VIEW_NAMES, "one_scale"],
+                  "width", "height", "keep_heads", "keep_queries", "self_attention"],
+    "/heatmap": ["word", *VIEW_NAMES, "contrast", "temperature"],
+    "/word_grid": [*VIEW_NAMES, "one_scale", "contrast", "temperature"],
     "/words": ["negative", "opacity", "colormap", "special_tokens", "single_tokens"],
+    "/attend": ["other_words", *VIEW_NAMES[1:]],
+    "/self_attention": ["x", "y", "from_step", "to_step", "resolutions", "opacity", "colormap"],
+    "/explain": ["image", "caption", "other_words", "timesteps", "model"],
+    "/scene": ["scene"],
     "/step": ["step", "follow", "word", *VIEW_NAMES],
     "/downloads": ["word", *VIEW_NAMES],
     "/decode": ["step"],

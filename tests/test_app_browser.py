@@ -164,14 +164,14 @@ def test_compare_tab_runs_guidance_variants_and_the_shared_step_redraws_them(pag
     page.locator("#sdviz-cmp-figure").scroll_into_view_if_needed()
     page.screenshot(path=str(SHOTS / "5-compare.png"), full_page=True)
     before = src(page, "#sdviz-cmp-figure")
-    set_slider(page, "sdviz-cmp-step", 2)
+    set_slider(page, "sdviz-cmp-step", 6)  # it opened 40 % of the way, on step 2
     wait_image_changes(page, "#sdviz-cmp-figure", before)
     before = src(page, "#sdviz-cmp-figure")
     page.locator("#sdviz-cmp-word input").click()
     page.get_by_role("option", name="circle", exact=True).click()
     wait_image_changes(page, "#sdviz-cmp-figure", before)
     page.locator("#sdviz-cmp-figure").scroll_into_view_if_needed()
-    page.screenshot(path=str(SHOTS / "6-compare-step-2-circle.png"), full_page=True)
+    page.screenshot(path=str(SHOTS / "6-compare-step-6-circle.png"), full_page=True)
 
 
 def test_compare_tab_two_prompts_shows_both_and_switches_to_a_shared_word(page):

@@ -70,7 +70,8 @@ def test_a_batch_goes_on_past_bad_lines_and_reports_them_with_a_nonzero_exit(tmp
     code = main(["--prompts", str(prompts), "--out", str(out), "--words", "circle", *FAST])
 
     assert code == 1
-    assert sorted(p.name for p in out.iterdir()) == ["01-a-red-circle-above-a-blue-square", "03-a-blue-circle"]
+    written = ["01-a-red-circle-above-a-blue-square", "03-a-blue-circle", "index.jsonl"]  # index: sdviz.batch
+    assert sorted(p.name for p in out.iterdir()) == written
     first = assert_handout(out / "01-a-red-circle-above-a-blue-square", "a red circle above a blue square", ["circle"])
     third = assert_handout(out / "03-a-blue-circle", "a blue circle", ["circle"])
     assert first.info.guidance_scale == 7.5 and third.info.guidance_scale == 1.0  # the line's own setting

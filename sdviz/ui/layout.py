@@ -12,11 +12,11 @@ import gradio as gr
 
 from . import texts
 from .models import Models
-from .panels import compare, generate, how, over_time, steps, words
+from .panels import compare, explain, generate, how, over_time, self_attention, steps, words
 from .wiring import STATE_TTL_S, App, StopRequests
 
 # The tabs under the controls, in order. `words` comes first: it owns the filters other tabs read.
-TABS = [words, steps, over_time, compare, how]
+TABS = [words, steps, over_time, compare, self_attention, explain, how]
 
 
 def example_prompts(path: Path) -> list[str]:

@@ -107,9 +107,18 @@ def unknown_words(run: TraceResult) -> list[str]:
 
 
 def heatmap_image(
-    session: Session, word: str, negative: bool, filters: Filters, opacity, colormap: str, step: int | None = None
+    session: Session,
+    word: str,
+    negative: bool,
+    filters: Filters,
+    opacity,
+    colormap: str,
+    step: int | None = None,
+    contrast=None,
+    temperature: float = 1.0,
 ) -> Image.Image:
-    """The word's attention over the final image; `step` (0-based) narrows it to one step."""
+    """The word's attention over the final image; `step` (0-based) narrows it to one step; `contrast` (words)
+    shares each pixel among them (TraceResult.heatmap)."""
     run = session.run
     if not word:
         raise ValueError(
@@ -120,6 +129,8 @@ def heatmap_image(
     kwargs = filters.kwargs()
     if step is not None:
         kwargs["steps"] = step
+    if contrast:
+        kwargs.update(contrast=list(contrast), temperature=float(temperature))
     heat = run.heatmap(word, size="image", negative=negative, **kwargs)
     return render.scaled_overlay(session.image, heat, colormap, float(opacity))
 

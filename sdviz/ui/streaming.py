@@ -159,8 +159,11 @@ def generate_streaming(
     updates_per_s: float = 10.0,
     previews_per_s: float = 5.0,
     heartbeat_s: float = 0.5,
+    keep_queries: bool = False,
+    self_attention: bool = False,
 ):
     """Yield Tick… then Done, or Stopped when `stop` was set. Errors of the run are re-raised here.
+    `keep_queries` / `self_attention`: the trace's research options (sdviz.generate).
 
     Ticks come at most `updates_per_s` a second (a person can't follow more, and each one costs the
     request thread an encode while the model runs), with a preview at most `previews_per_s`.
@@ -173,7 +176,8 @@ def generate_streaming(
         def on_step(index: int, total: int, x0: torch.Tensor):
             report((index + 1, total, x0[0].float().cpu()))  # x0 of this step, [C, h, w] (never modified)
 
-        return generate(pipe, settings, on_step=on_step, per_head=per_head)
+        return generate(pipe, settings, on_step=on_step, per_head=per_head, keep_queries=keep_queries,
+                        self_attention=self_attention)  # fmt: skip
 
     done, total, latent = 0, settings.steps, None
     updates, previews = Throttle(updates_per_s), Throttle(previews_per_s)

@@ -64,11 +64,14 @@ def generate(
     keep_heads: bool,
     session,
     request: gr.Request,
+    keep_queries: bool = True,
+    self_attention: bool = True,
     *,
     models: Models,
     stops: StopRequests,
 ):
-    """Stream one traced generation: progress and previews, then the image, tokens, notes and the new session."""
+    """Stream one traced generation: progress and previews, then the image, tokens, notes and the new session.
+    `keep_queries` / `self_attention`: the research records (maps of words not in the prompt, where a pixel looks)."""
     settings = settings_from_form(
         models, model, prompt, negative_prompt, scheduler, steps, guidance, seed, random_seed, width, height
     )
@@ -81,7 +84,17 @@ def generate(
     try:
         with (
             pipeline_errors(model, "Generate"),
-            contextlib.closing(generate_streaming(models, model, settings, bool(keep_heads), stop=flag)) as events,
+            contextlib.closing(
+                generate_streaming(
+                    models,
+                    model,
+                    settings,
+                    bool(keep_heads),
+                    stop=flag,
+                    keep_queries=bool(keep_queries),
+                    self_attention=bool(self_attention),
+                )  # fmt: skip
+            ) as events,
         ):
             yield {"notes": "_Generating… the panels below still show your previous run until this one finishes._"}
             for event in events:
@@ -334,6 +347,13 @@ class Panel:
                     keep_heads = gr.Checkbox(
                         False, label="Keep every attention head's map (more memory; enables the head filter)"
                     )
+                    # research records (issue 14): memory measured by `python -m sdviz.bench --research`
+                    self.keep_queries = gr.Checkbox(
+                        True, label="Keep queries: maps of words not in the prompt (SD 1.5 512², 25 steps: +86 MB)"
+                    )
+                    self.self_attention = gr.Checkbox(
+                        True, label="Record self-attention: where a clicked pixel looks (SD 1.5 512², 25 steps: +17 MB)"
+                    )
                 gr.Markdown(EXPLAIN, elem_classes="sdviz-explain")
                 if app.examples:
                     gr.Examples([[p] for p in app.examples], inputs=[prompt], label="Examples (click to use)")
@@ -427,7 +447,7 @@ class Panel:
         generation = gr.on(
             triggers,
             handler(generate, run_out, models=models, stops=app.stops),
-            [*form.inputs(), app.session],
+            [*form.inputs(), app.session, self.keep_queries, self.self_attention],
             list(run_out.values()),
             api_name="generate",
             concurrency_id=PIPELINE,

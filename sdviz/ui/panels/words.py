@@ -20,6 +20,7 @@ from ..session import (
     words_of,
 )
 from ..wiring import App, View, handler
+from . import research_words
 
 TITLE, ID = "Words → places", "words"
 COLORMAPS = ["jet", "inferno", "viridis", "magma", "turbo", "gray"]
@@ -75,10 +76,15 @@ def words(negative: bool, opacity: float, colormap: str, special_tokens: bool, s
     }
 
 
-def heatmap_out(session: Session, word: str, negative: bool, filters, opacity, colormap) -> dict:
+def heatmap_out(
+    session: Session, word: str, negative: bool, filters, opacity, colormap, contrast=None, temperature: float = 1.0
+) -> dict:
+    caption = describe(session.run, word, filters, negative)
+    if contrast:
+        caption += f" · its share among {', '.join(contrast)} (contrast, τ = {float(temperature):g})"
     return {
-        "heatmap": heatmap_image(session, word, negative, filters, opacity, colormap),
-        "caption": describe(session.run, word, filters, negative),
+        "heatmap": heatmap_image(session, word, negative, filters, opacity, colormap, None, contrast, temperature),
+        "caption": caption,
     }
 
 
@@ -94,11 +100,14 @@ def heatmap(
     layers: list,
     head,
     session,
+    contrast: list | None = None,
+    temperature: float = 1.0,
 ) -> dict:
-    """One word's map over the image, averaged over the chosen steps, blocks, resolutions, layers and heads."""
+    """One word's map over the image, averaged over the chosen steps, blocks, resolutions, layers and heads;
+    with `contrast` (two or more words), its share of each pixel among them (research_words)."""
     session = require(session)
     filters = filters_from_form(session.run, from_step, to_step, blocks, resolutions, layers, head)
-    return heatmap_out(session, word, negative, filters, opacity, colormap)
+    return heatmap_out(session, word, negative, filters, opacity, colormap, contrast, temperature)
 
 
 def word_grid(
@@ -113,14 +122,21 @@ def word_grid(
     head,
     one_scale: bool,
     session,
+    contrast: list | None = None,
+    temperature: float = 1.0,
 ) -> dict:
-    """Every word's map side by side, with the same filters, on one colour scale unless asked otherwise."""
+    """Every word's map side by side, with the same filters, on one colour scale unless asked otherwise;
+    with `contrast`, the chosen words' shares of each pixel."""
     session = require(session)
     run = session.run
     filters = filters_from_form(run, from_step, to_step, blocks, resolutions, layers, head)
     chosen = words_of(run, negative)
     if not chosen:
         return {"grid": None}
+    shares = {}
+    if contrast:  # the chosen words only, in the prompt's order, each pixel shared among them
+        chosen = [w for w in chosen if w in set(contrast)] or chosen
+        shares = dict(contrast=list(contrast), temperature=float(temperature))
     fig = render.word_grid(
         run,
         session.image,
@@ -131,6 +147,7 @@ def word_grid(
         shared_scale=bool(one_scale),
         size="image",
         **filters.kwargs(),
+        **shares,
     )
     return {"grid": render.to_image(fig)}
 
@@ -276,6 +293,7 @@ class Panel:
                     [], multiselect=True, allow_custom_value=True, label="Layers (empty = all)", info=LAYERS_INFO
                 )
                 head = gr.Dropdown([("mean of all heads", -1)], value=-1, allow_custom_value=True, label="Heads")
+        self.research = research_words.Box(app)  # words not in the prompt; contrast
         with gr.Row():
             with gr.Column():
                 gr.Markdown(ASK, elem_classes="sdviz-explain")
@@ -301,10 +319,12 @@ class Panel:
             list(words_out.values()),
             api_name="words",
         )
+        contrast = [self.research.contrast, self.research.temperature]
+        contrast_triggers = [self.research.contrast.input, self.research.temperature.input]
         gr.on(
-            [self.word.input, *view.filter_triggers()],
+            [self.word.input, *view.filter_triggers(), *contrast_triggers],
             handler(heatmap, heat_out),
-            [self.word, *view.inputs(), app.session],
+            [self.word, *view.inputs(), app.session, *contrast],
             list(heat_out.values()),
             api_name="heatmap",
             preprocess=False,  # the word chips' choices are per session: a fresh session must hear "generate first"
@@ -312,9 +332,9 @@ class Panel:
             show_progress="hidden",
         )
         gr.on(
-            [view.negative.input, self.one_scale.input, *view.filter_triggers()],
+            [view.negative.input, self.one_scale.input, *view.filter_triggers(), *contrast_triggers],
             handler(word_grid, {"grid": self.grid}),
-            [*view.inputs(), self.one_scale, app.session],
+            [*view.inputs(), self.one_scale, app.session, *contrast],
             self.grid,
             api_name="word_grid",
             preprocess=False,  # slider maxima are per run: a request for a longer run than the page's must pass
@@ -353,3 +373,4 @@ class Panel:
             [app.session, view.opacity, view.colormap, *chip_options, self.one_scale],
             list(run_out.values()),
         )
+        self.research.wire(app)
