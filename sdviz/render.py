@@ -60,8 +60,9 @@ def _font(size: int):
     return ImageFont.load_default(size=size)
 
 
-def scaled_overlay(image, heatmap: np.ndarray, cmap: str = "jet", alpha: float = 0.5, vmax: float | None = None,
-                   min_side: int = 256) -> Image.Image:  # fmt: skip
+def scaled_overlay(
+    image, heatmap: np.ndarray, cmap: str = "jet", alpha: float = 0.5, vmax: float | None = None, min_side: int = 256
+) -> Image.Image:
     """The overlay with its scale: colours from 0 to `vmax` (default: the map's own peak), a colour bar
     with its values, and "peak · mean" under the picture, so a faint map reads as faint.
 
@@ -177,14 +178,18 @@ def preview(run: TraceResult, step: int, which: str = "x0", size: int | None = N
     return img.resize((width, width * img.height // img.width), Image.BILINEAR)
 
 
-def step_strip(run: TraceResult, count: int = 8, which: str = "x0", size: int = 96, previewer=None) -> Figure:
-    """Pictures of `count` evenly spaced steps (see `preview`), labelled with step and timestep."""
+def step_strip(
+    run: TraceResult, count: int = 8, which: str = "x0", size: int = 96, previewer=None, cols: int = 8
+) -> Figure:
+    """Pictures of `count` evenly spaced steps (see `preview`), labelled with step and timestep, `cols` a row."""
     picks = sorted(set(np.linspace(0, run.num_steps - 1, min(count, run.num_steps)).round().astype(int)))
-    fig = Figure(figsize=(1.6 * len(picks), 2.0))
+    cols = min(cols, len(picks))
+    rows = math.ceil(len(picks) / cols)
+    fig = Figure(figsize=(1.6 * cols, 2.0 * rows))
     for i, s in enumerate(picks):
-        ax = fig.add_subplot(1, len(picks), i + 1)
+        ax = fig.add_subplot(rows, cols, i + 1)
         ax.imshow(preview(run, int(s), which, size, previewer))
-        ax.set_title(f"step {s + 1}\nt={run.timesteps[s]:.0f}", fontsize=8)
+        ax.set_title(f"step {s + 1}\nt={run.timesteps[s]:.0f}", fontsize=TICKS)
         ax.axis("off")
     fig.tight_layout()
     return fig
@@ -286,8 +291,9 @@ def attention_over_time(run: TraceResult, negative: bool = False, **filters) -> 
     steps = np.arange(1, len(shares) + 1)
     fig = Figure(figsize=(8.5, 4.2))
     ax = fig.add_subplot(1, 1, 1)
-    ax.stackplot(steps, merged, labels=distinct, colors=word_colours(distinct), alpha=0.9, edgecolor="white",
-                 linewidth=0.5)  # fmt: skip
+    ax.stackplot(
+        steps, merged, labels=distinct, colors=word_colours(distinct), alpha=0.9, edgecolor="white", linewidth=0.5
+    )
     ax.set_xlim(1, max(len(shares), 2))
     ax.set_ylim(0, 1)
     ax.set_xlabel("denoising step", fontsize=FONT)
@@ -296,8 +302,7 @@ def attention_over_time(run: TraceResult, negative: bool = False, **filters) -> 
     ax.tick_params(labelsize=TICKS)
     ax.set_title("Attention over time: which words the image listens to at each step", fontsize=FONT)
     handles, labels = ax.get_legend_handles_labels()  # top band first, as stacked
-    ax.legend(handles[::-1], labels[::-1], loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=FONT,
-              frameon=False)  # fmt: skip
+    ax.legend(handles[::-1], labels[::-1], loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=FONT, frameon=False)
     fig.tight_layout()
     return fig
 

@@ -162,3 +162,20 @@ def test_a_narrow_screen_keeps_every_tab_reachable_and_labels_whole(browser, app
     for name in ("Words → places", "Steps", "Over time", "Compare", "How it works"):
         assert name in shown, (name, shown)
     page.close()
+
+
+def test_stop_in_compare_has_the_last_word(browser, app_server):
+    page = open_page(browser, app_server, 1366, 900)
+    steps = app_server.models.preset(app_server.name).max_steps
+    set_slider(page, "sdviz-steps", steps)
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#sdviz-cmp-run").scroll_into_view_if_needed()
+    click(page, "#sdviz-cmp-run")
+    page.wait_for_function("() => document.querySelector('#sdviz-cmp-progress').innerText.includes('Variant 2/4')")
+    click(page, "#sdviz-cmp-stop")
+    page.wait_for_function("() => document.querySelector('#sdviz-cmp-progress').innerText.includes('Stopped')")
+    time.sleep(1.5)  # a late progress update must not overwrite it
+    text = page.inner_text("#sdviz-cmp-progress")
+    assert text.startswith("Stopped after 1 of the variants"), text
+    assert page.locator("#sdviz-cmp-gallery img").count() == 1  # the finished variant stays
+    page.close()

@@ -165,7 +165,9 @@ def test_steps_panel_shows_one_step_follows_the_heatmap_and_plays(stored, models
     ticked = steps.tick(4, False, "red", **DRAW, **ALL, session=stored, models=models)
     assert ticked["step"].value == 1  # wraps round
     assert steps.tick(1, False, "red", **DRAW, **ALL, session=None, models=models)["timer"].active is False
-    assert steps.show_run(stored, models=models)["step"].value == STEPS
+    shown = steps.show_run(stored, models=models)
+    assert shown["step"].value == STEPS and "every step, exact VAE decode" in shown["strip_caption"]
+    assert shown["strip"].width > 4 * 96 and "schedule" in shown["session"].cache  # drawn once per run
     with pytest.raises(ValueError, match="steps 1–4"):
         steps.show_step(5, False, "red", **DRAW, **ALL, session=stored, models=models)
 

@@ -160,15 +160,31 @@ def tick(
     return {"step": gr.Slider(value=nxt), **show_step(nxt, *view, session, models=models)}
 
 
+STRIP = 16  # at most this many steps in the strip of x0 pictures
+
+
+def strip(session: Session, previewer: Previewer) -> tuple[Image.Image, str]:
+    """x0 at up to STRIP evenly spaced steps, drawn by `previewer` (decodes cached in the trace), and a caption."""
+    run = session.run
+    picture = render.to_image(render.step_strip(run, count=STRIP, size=96, previewer=previewer))
+    shown = "every step" if run.num_steps <= STRIP else f"{STRIP} of the {run.num_steps} steps"
+    return picture, f"**x0 from noise to picture** — {shown}, {previewer.label}"
+
+
 def show_run(session, *, models: Models) -> dict:
-    """After a new run: the slider spans its steps, the schedule chart is drawn once, the last step shows."""
+    """After a new run: the slider spans its steps, the schedule chart is drawn once, the last step shows,
+    and the strip of x0 pictures."""
     session = require(session)
     n = session.run.num_steps
     session.cache["schedule"] = render.schedule_chart(session.run)
+    draw = models.previewer(session.model)
+    picture, caption = strip(session, draw)
     return {
         "step": gr.Slider(maximum=n, value=n),
-        **step_view(session, n, models.previewer(session.model)),
+        **step_view(session, n, draw),
         "step_heat": gr.Image(value=None, visible=False),
+        "strip": picture,
+        "strip_caption": caption,
         "session": session,
     }
 
@@ -181,8 +197,9 @@ class Panel:
         with gr.Row():
             self.step = gr.Slider(1, steps, value=1, step=1, label="Step", scale=5, elem_id="sdviz-step")
             self.play = gr.Button("▶ Play", size="sm", scale=1, elem_id="sdviz-play")
-            self.speed = gr.Dropdown(SPEEDS, value=0.7, label="Play speed", scale=1, min_width=120,
-                                     elem_id="sdviz-speed")  # fmt: skip
+            self.speed = gr.Dropdown(
+                SPEEDS, value=0.7, label="Play speed", scale=1, min_width=120, elem_id="sdviz-speed"
+            )
             self.decode = gr.Button("Exact decode (VAE)", size="sm", scale=1, elem_id="sdviz-decode")
             self.follow = gr.Checkbox(False, label="Heatmap follows this step", scale=1)
         self.timer = gr.Timer(0.7, active=False)
@@ -196,11 +213,23 @@ class Panel:
             self.x0 = picture("x0: guess of the clean image", "sdviz-x0", height=260)
             self.decoded = picture("x0, exact VAE decode", "sdviz-decoded", height=260)
             self.step_heat = picture("Heatmap at this step", "sdviz-step-heat", height=260, visible=False)
-        self.latents_text = gr.Markdown("**The latent.** Generate an image to see its latent here.",
-                                        elem_classes="sdviz-explain", elem_id="sdviz-latents-text")  # fmt: skip
+        self.latents_text = gr.Markdown(
+            "**The latent.** Generate an image to see its latent here.",
+            elem_classes="sdviz-explain",
+            elem_id="sdviz-latents-text",
+        )
         with gr.Row():
             self.z_rgb = picture("z[0:3] as RGB", "sdviz-zrgb", height=220, format="png")
             self.z_channels = picture("every channel of z, in grey", "sdviz-zchannels", height=220, format="png")
+        self.strip_caption = gr.Markdown("**x0 from noise to picture**", elem_classes="sdviz-caption")
+        self.strip = gr.Image(
+            label="x0 at every step",
+            show_label=False,
+            interactive=False,
+            elem_id="sdviz-strip",
+            format="png",
+            buttons=["download", "fullscreen"],
+        )
         gr.Markdown(SCHEDULE, elem_classes="sdviz-explain")
         self.schedule = gr.Image(label="Noise schedule", interactive=False, elem_id="sdviz-schedule", format="png")
 
@@ -222,8 +251,12 @@ class Panel:
             show_progress="hidden",
         )
         play_out = {"timer": self.timer, "play": self.play}
-        self.play.click(handler(play, play_out), [self.play, self.speed, app.session], list(play_out.values()),
-                        api_visibility="private")  # fmt: skip
+        self.play.click(
+            handler(play, play_out),
+            [self.play, self.speed, app.session],
+            list(play_out.values()),
+            api_visibility="private",
+        )
         self.speed.input(handler(set_speed, {"timer": self.timer}), self.speed, self.timer, api_visibility="private")
         tick_out = {"timer": self.timer, "play": self.play, "step": self.step, **out}
         self.timer.tick(
@@ -243,5 +276,11 @@ class Panel:
             api_name="decode",
             preprocess=False,
         )
-        run_out = {"step": self.step, **out, "session": app.session}
+        run_out = {
+            "step": self.step,
+            **out,
+            "strip": self.strip,
+            "strip_caption": self.strip_caption,
+            "session": app.session,
+        }
         app.after_run(handler(show_run, run_out, models=models), [app.session], list(run_out.values()))
