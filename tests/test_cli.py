@@ -98,6 +98,7 @@ def test_help_documents_every_option_with_examples(capsys):
         "--seed",
         "--size",
         "--negative",
+        "--threads",
         "--words",
         "--prompts",
         "--device",
@@ -132,6 +133,7 @@ def test_python_dash_m_sdviz_runs():
         (["a cat", "--scheduler", "fast"], "unknown scheduler 'fast'; choose one of: DDIM"),
         (["a cat", "--steps", "0", "--model", "random-sd1"], "steps must be a whole number from 1 to 150"),
         (["   "], "the prompt is empty"),
+        (["a cat", "--threads", "0", "--model", "random-sd1", "--steps", "1"], "CPU threads must be 1 or more"),
     ],
 )
 def test_usage_errors_exit_2_and_say_what_to_do(argv, message, capsys):

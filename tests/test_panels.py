@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ast
+import os
 import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from conftest import SIZE
 from PIL import Image
 
@@ -272,3 +274,30 @@ def test_words_the_built_in_model_does_not_know_are_named():
     assert unknown_words(run) == ["an", "astronaut", "riding", "horse"]
     assert "doesn't know “an”, “astronaut”, “riding”, “horse”" in generate.run_notes(session)
     assert strongest_word(run) == "red"  # the first map is a word the model knows
+
+
+def test_texts_about_the_latent_come_from_the_run():
+    pipe = sdviz.load_pipeline("toy")
+    pipe.set_progress_bar_config(disable=True)
+    settings = sdviz.Settings("a red circle", steps=2, width=64, height=64)
+    image, run = sdviz.generate(pipe, settings)
+    session = Session(run, np.asarray(image), "toy", 0, 0.0, settings, "toy")
+    # The built-in model's VAE downsamples by 4, not SD's 8: 64×64 pixels → 4 channels of 16×16.
+    assert "4 channels of 16×16**, 1/4 of the image" in steps.latents_text(run)
+    assert "×4 per side" in how.shapes(session) and "[1, 4, 16, 16] → [1, 3, 64, 64]" in how.shapes(session)
+
+
+def test_the_number_of_cpu_threads_is_chosen_for_the_model_and_can_be_set(sd1_pipe, monkeypatch):
+    from sdviz.loading import pick_threads
+
+    monkeypatch.delenv("SDVIZ_THREADS", raising=False)
+    assert pick_threads(sd1_pipe) == 1  # a small model: one thread (two wait for each other on a shared CPU)
+    big = SimpleNamespace(unet=SimpleNamespace(parameters=lambda: iter([torch.empty(60_000_000)])))
+    cores = len(os.sched_getaffinity(0))
+    assert pick_threads(big) == cores
+    assert pick_threads(sd1_pipe, 2) == 2
+    monkeypatch.setenv("SDVIZ_THREADS", "3")
+    assert pick_threads(big) == 3
+    with pytest.raises(ValueError, match="1 or more"):
+        pick_threads(sd1_pipe, 0)
+    assert Models({RANDOM: RANDOM_PRESET}, loaded={RANDOM: sd1_pipe}, threads=2).threads(RANDOM) == 2
