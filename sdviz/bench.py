@@ -355,6 +355,14 @@ def _own_prompt_error(run, pipe, prompt: str) -> float:
     return worst
 
 
+def _save(fig: dict, path: str | None) -> int:
+    """Also write the figures to `path` (--json), when given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(fig, f, indent=2)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sdviz.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -416,19 +424,13 @@ def main(argv=None) -> int:
             f"{fig['own_prompt_error_of_peak_sd15']:.1e} (SD 1.5 architecture) / "
             f"{fig['own_prompt_error_of_peak_toy']:.1e} (built-in model) of its peak"
         )
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(fig, f, indent=2)
-        return 0
+        return _save(fig, args.json)
     if args.thread_counts:
         fig = measure_threads(args.repeats)
         print(f"medians of {args.repeats} runs each (load average before: {os.getloadavg()[0]:.1f}):")
         for key, seconds in fig.items():
             print(f"  {key}: {seconds:.3f} s")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(fig, f, indent=2)
-        return 0
+        return _save(fig, args.json)
     if args.previews:
         from .toy.world import heldout_captions
 
@@ -441,10 +443,7 @@ def main(argv=None) -> int:
             f"median of each image's worst pixel {fig['linear_worst_pixel_error']:.0f}/255). An exact decode costs "
             f"{fig['exact_decode_ms']:.1f} ms, so the app, CLI and report show '{fig['previewer']}' pictures (0/255)."
         )
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(fig, f, indent=2)
-        return 0
+        return _save(fig, args.json)
     if args.app:
         fig = measure_app(args.steps, args.repeats, args.prompt)
         print(
@@ -456,10 +455,7 @@ def main(argv=None) -> int:
             f"{fig['heatmap_round_trip_median_ms']:.0f} ms round trip ({fig['heatmap_download_median_ms']:.0f} ms "
             f"with the download); a bare Gradio no-op round trip: {fig['gradio_floor_median_ms']:.0f} ms"
         )
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(fig, f, indent=2)
-        return 0
+        return _save(fig, args.json)
     if args.dtypes:
         fig = measure_dtypes(args.family, args.full, args.size, args.steps, args.repeats, args.prompt)
         print(
@@ -469,10 +465,7 @@ def main(argv=None) -> int:
             f"(bf16 ×{fig['bf16_speedup']:.2f} faster), mean |fp32 − bf16| pixel difference "
             f"{fig['mean_abs_pixel_diff_0_255']:.1f}/255"
         )
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(fig, f, indent=2)
-        return 0
+        return _save(fig, args.json)
     fig = measure(
         args.family,
         args.full,
@@ -496,10 +489,7 @@ def main(argv=None) -> int:
         f"  trace memory at {fig['memory_size']}², {fig['memory_steps']} steps, {fig['tokens_kept']} tokens kept, "
         f"{fig['layers']} layers: {fig['trace_mb']:.1f} MB"
     )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(fig, f, indent=2)
-    return 0
+    return _save(fig, args.json)
 
 
 if __name__ == "__main__":
