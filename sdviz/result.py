@@ -54,6 +54,8 @@ class RunInfo:
     # "index" (neither: tokens and words are "#0" … "#76"), "none" (nothing recorded, or no negative branch).
     tokens_from: str = "text_encoder"
     negative_tokens_from: str = "text_encoder"
+    # The Euler family's latents are x0 + σ·ε (the U-Net gets them divided by √(σ² + 1)); others' are √ᾱ·x0 + √(1−ᾱ)·ε.
+    sigma_space: bool = False
 
     @property
     def vae_scale_factor(self) -> int:
@@ -445,6 +447,16 @@ class TraceResult:
             image = vae.decode(z).sample[0].float().cpu()  # [3, H, W] in [-1, 1]
             self.decoded[key] = ((image.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).round().byte().numpy()
         return self.decoded[key]
+
+    # -- the text encoder's vectors ------------------------------------------------------------------
+    def token_similarity(self, negative: bool = False) -> np.ndarray:
+        """float32 [T, T]: cosine similarity between the kept tokens' text vectors (`prompt_embeds` rows)."""
+        embeds = self.negative_prompt_embeds if negative else self.prompt_embeds
+        tokens = self.negative_tokens if negative else self.tokens
+        if embeds is None or embeds.numel() == 0 or not tokens:
+            raise ValueError("this trace holds no text vectors for that prompt: generate again to record them")
+        v = F.normalize(embeds[[t.index for t in tokens]].float(), dim=-1)  # [T, d]
+        return (v @ v.T).numpy().astype(np.float32)
 
     # -- forward diffusion and the training loss (a run made by sdviz.noise_image) -----------------------
     def _noised(self):

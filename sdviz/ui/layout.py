@@ -12,11 +12,13 @@ import gradio as gr
 
 from . import texts
 from .models import Models
-from .panels import compare, generate, how, over_time, steps, words
+from .panels import anatomy, compare, generate, how, lesson, noise, over_time, steps, text_encoder, words
 from .wiring import STATE_TTL_S, App, StopRequests
 
 # The tabs under the controls, in order. `words` comes first: it owns the filters other tabs read.
-TABS = [words, steps, over_time, compare, how]
+TABS = [words, steps, over_time, compare, text_encoder, noise, lesson, how]
+# Panels placed below another in its tab, reading its controls: {tab's module: [panel modules]}.
+BELOW = {steps: [anatomy]}
 
 
 def example_prompts(path: Path) -> list[str]:
@@ -34,10 +36,11 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
                   examples=list(examples or []))  # fmt: skip
         gr.Markdown(texts.HEADER)
         panels = [generate.Panel(app)]
-        with gr.Tabs():
+        with gr.Tabs() as app.tabs:
             for module in TABS:
                 with gr.Tab(module.TITLE, id=module.ID):
                     panels.append(module.Panel(app))
+                    panels += [extra.Panel(app) for extra in BELOW.get(module, [])]
         for panel in panels:  # the generate panel first: the others follow its runs
             panel.wire(app)
     demo.queue(max_size=queue_size, default_concurrency_limit=2)

@@ -225,6 +225,8 @@ class App:
     word: gr.Radio | None = None  # the words panel's chosen word
     new_run: list = field(default_factory=list)  # events after which `session` holds a new run
     examples: list[str] = field(default_factory=list)
+    step: gr.Slider | None = None  # the step-by-step panel's step slider (1-based)
+    tabs: gr.Tabs | None = None  # the tabs under the controls: `gr.Tabs(selected=ID)` opens a panel's tab
 
     def after_run(self, fn, inputs, outputs, **kwargs):
         """Run `fn` after every event that leaves a new run in `session` (a panel refreshing itself)."""

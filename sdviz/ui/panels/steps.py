@@ -162,6 +162,7 @@ class Panel:
             self.z_channels = picture("channels z[0] … z[3]", "sdviz-zchannels", height=220, format="png")
         gr.Markdown(SCHEDULE, elem_classes="sdviz-explain")
         self.schedule = gr.Image(label="Noise schedule", interactive=False, elem_id="sdviz-schedule", format="png")
+        app.step = self.step  # panels placed below this one follow the slider
 
     def outputs(self) -> dict:
         return {
