@@ -185,6 +185,12 @@ def telling_element(a: StepAnatomy) -> tuple[int, int, int]:
 def explain(a: StepAnatomy) -> str:
     """The step's arithmetic in Markdown: guidance, x0 and the next latent, each filled in with this step's
     numbers and with one latent number worked through."""
+    head, items = explain_parts(a)
+    return head + "\n\n" + "\n".join(f"{n}. {item}" for n, item in enumerate(items, 1))
+
+
+def explain_parts(a: StepAnatomy) -> tuple[str, list[str]]:
+    """`explain` as (heading paragraphs, numbered items), each in Markdown (bold and code only), for other pages."""
     n = formula_number
 
     def alone(value: float) -> str:
@@ -248,4 +254,4 @@ def explain(a: StepAnatomy) -> str:
         why = NOT_ONLY_THIS_STEP.get(a.scheduler, "it uses more than this step's x_t and x0")
         step += f" This mix explains {100 * explained:.1f} % of the next latent, not all of it: {why}."
     items.append(step)
-    return head + "\n\n" + "\n".join(f"{n}. {item}" for n, item in enumerate(items, 1))
+    return head, items

@@ -409,13 +409,15 @@ def noise_comparison(run: TraceResult) -> Figure:
     return tensor_grid(parts, title, scale=signed_scale(true), label="value")
 
 
-def loss_plot(curves: dict[str, tuple[list, list]], timestep: int | None = None) -> Figure:
-    """The training loss against t: {label: (timesteps, losses)}, log scale, the chosen t marked."""
+def loss_plot(points, labels: list[str], timestep: int | None = None) -> Figure:
+    """The training loss against t, one curve per caption: `points` of a sweep (`sdviz.noising.LossPoint`: a
+    `timestep` and one of `losses` per label), log scale, the chosen t marked."""
     fig = Figure(figsize=(6.4, 3.2))
     ax = fig.add_subplot(1, 1, 1)
-    for (label, (ts, losses)), colour in zip(curves.items(), ("tab:green", "tab:red", "tab:gray", "tab:blue")):
-        if len(ts):
-            ax.plot(ts, losses, marker="o", markersize=3, label=label, color=colour)
+    ts = [p.timestep for p in points]
+    for k, (label, colour) in enumerate(zip(labels, ("tab:green", "tab:red", "tab:gray", "tab:blue"))):
+        if ts:
+            ax.plot(ts, [p.losses[k] for p in points], marker="o", markersize=3, label=label, color=colour)
     ax.set_yscale("log")
     ax.set_xlim(0, 1000)
     ax.set_xlabel("timestep t (0 = clean, 999 = pure noise)")

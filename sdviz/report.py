@@ -45,12 +45,16 @@ def _enlarged(image: Image.Image) -> Image.Image:
     return image if factor <= 1 else image.resize((image.width * factor, image.height * factor), Image.NEAREST)
 
 
-def handout_images(run: TraceResult, image: Image.Image, words=None, strip: int = 8) -> dict[str, Image.Image]:
+def handout_images(
+    run: TraceResult, image: Image.Image, words=None, strip: int = 8, anatomy_step: int | None = None
+) -> dict[str, Image.Image]:
     """Every picture of the handout, by file name.
 
     image.png (as generated), heatmaps.png (grid) and heatmap-NN-<word>.png (one per word, overlaid on
     the image), steps.png (x0 previews), latent-rgb.png and latent-channels.png (the final latent),
-    schedule.png and attention-over-time.png. Words: see `report_words`.
+    schedule.png and attention-over-time.png. Words: see `report_words`. Inside the machine (traces that
+    recorded them): step-anatomy.png (step `anatomy_step`, 0-based, default the middle one), guidance.png
+    (the prompt's contribution at every step; guidance runs only) and text-embedding.png (the prompt's vectors).
     """
     image = image.convert("RGB")
     big = _enlarged(image)
@@ -67,6 +71,24 @@ def handout_images(run: TraceResult, image: Image.Image, words=None, strip: int 
     pictures["schedule.png"] = render.to_image(render.schedule_plot(run))
     if chosen:
         pictures["attention-over-time.png"] = render.to_image(render.attention_over_time(run))
+    pictures.update(inside_images(run, anatomy_step))
+    return pictures
+
+
+def anatomy_step_of(run: TraceResult, step: int | None) -> int:
+    """The handout's step anatomy: `step` (0-based) checked against the run, default its middle step."""
+    return run.num_steps // 2 if step is None else run.step_indices(step)[0]
+
+
+def inside_images(run: TraceResult, anatomy_step: int | None = None) -> dict[str, Image.Image]:
+    """The pictures inside the machine that this trace can draw (older traces hold none of them)."""
+    pictures = {}
+    if run.num_steps and run.final_latent is not None:
+        pictures["step-anatomy.png"] = render.to_image(render.step_anatomy(run, anatomy_step_of(run, anatomy_step)))
+    if run.noise_pred_text is not None and run.noise_pred_text.numel():
+        pictures["guidance.png"] = render.to_image(render.guidance_plot(run, anatomy_step_of(run, anatomy_step)))
+    if run.prompt_embeds is not None and run.prompt_embeds.numel():
+        pictures["text-embedding.png"] = render.to_image(render.embedding_figure(run))
     return pictures
 
 
@@ -142,6 +164,46 @@ footer { margin-top: 2.5rem; font-size: .8rem; color: #777; border-top: 1px soli
 """
 
 
+def _inline(markdown: str) -> str:
+    """The Markdown that sdviz's explanations use (bold, code) as HTML, everything else escaped."""
+    text = html.escape(markdown, quote=False)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def _inside_sections(run: TraceResult, pictures: dict, anatomy_step: int | None) -> str:
+    """Inside one step (its anatomy, the formulas with its numbers, the guidance plot) and the text vectors."""
+    from . import anatomy
+
+    parts = []
+    if "step-anatomy.png" in pictures:
+        head, items = anatomy.explain_parts(anatomy.step_anatomy(run, anatomy_step_of(run, anatomy_step)))
+        listing = "".join(f"<li>{_inline(item)}</li>" for item in items)
+        paragraphs = "".join(f"<p>{_inline(p)}</p>" for p in head.split("\n\n"))
+        parts.append(f"""<section id="inside-a-step"><h2>Inside one step: the predicted noise and guidance</h2>
+<figure>{_img(pictures["step-anatomy.png"], "the tensors of one step")}<figcaption>This step's tensors, all on one
+colour scale (white = 0, red positive, blue negative): x_t going in, the U-Net's predictions, the clean guess x0 and
+the latent coming out.</figcaption></figure>
+<div class="explain">{paragraphs}<ol>{listing}</ol></div></section>
+""")
+    if "guidance.png" in pictures:
+        parts.append(f"""<section id="guidance"><h2>When does the text matter?</h2>
+<figure>{_img(pictures["guidance.png"], "the prompt's share of the prediction at every step")}</figure>
+<div class="explain"><p>At every step the U-Net predicted the noise twice, without and with the prompt. The purple
+line is how much the prompt changed that prediction, as a share of the prediction without it; guidance multiplies
+the change by the guidance scale (orange).</p></div></section>
+""")
+    if "text-embedding.png" in pictures:
+        d = run.prompt_embeds.shape[-1]
+        parts.append(f"""<section id="vectors"><h2>Words become vectors</h2>
+<figure>{_img(pictures["text-embedding.png"], "the prompt's 77 token vectors")}</figure>
+<div class="explain"><p>The text encoder turned each of the 77 token positions into a vector of {d} numbers: one row
+each (red positive, blue negative). These {77 * d:,} numbers are all the U-Net knows of the prompt; the positions
+after the end token are padding, but they still get vectors.</p></div></section>
+""")
+    return "".join(parts)
+
+
 def report_html(
     run: TraceResult,
     image: Image.Image,
@@ -149,6 +211,7 @@ def report_html(
     extra: dict | None = None,
     words=None,
     pictures: dict[str, Image.Image] | None = None,
+    anatomy_step: int | None = None,
 ) -> str:
     """The report as one HTML string: settings, final image, word heatmaps, attention over time, step
     strip, schedule and latent, each with a plain-language explanation.
@@ -156,10 +219,11 @@ def report_html(
     settings: the `Settings` of the run or a dict with the same keys (plus "model"); missing values
     come from `run.info`. extra: more (label, value) rows for the settings table. words: the words to
     draw (default: every word). pictures: `handout_images(...)` when already made (the CLI saves them too).
+    anatomy_step: the step (0-based) whose anatomy the handout shows; default the middle one.
     """
     from . import __version__  # at call time, so that sdviz/__init__.py may import this module
 
-    pictures = pictures or handout_images(run, image, words)
+    pictures = pictures or handout_images(run, image, words, anatomy_step=anatomy_step)
     e = html.escape
     rows = _settings_rows(run, settings, extra)
     prompt = rows[0][1]
@@ -277,6 +341,7 @@ at the start to near 1 at the end. Big early steps remove most noise; the last s
         )
         if name in pictures
     )
+    parts.append(_inside_sections(run, pictures, anatomy_step))
     parts.append(f"""<section id="latent"><h2>The latent: the sketch the U-Net works on</h2>
 <div class="latents">{latent_figs}</div>
 <div class="explain"><p>The U-Net never sees pixels. It works on a latent of {channels} × {lh} × {lw} numbers
@@ -299,8 +364,9 @@ def write_report(
     extra: dict | None = None,
     words=None,
     pictures: dict[str, Image.Image] | None = None,
+    anatomy_step: int | None = None,
 ) -> Path:
     """Write `report_html(...)` to `path` (UTF-8) and return the path."""
     path = Path(path)
-    path.write_text(report_html(run, image, settings, extra, words, pictures), encoding="utf-8")
+    path.write_text(report_html(run, image, settings, extra, words, pictures, anatomy_step), encoding="utf-8")
     return path

@@ -111,11 +111,6 @@ def noise(image, caption: str, timestep: float, seed: float, model: str, *, mode
     }
 
 
-def curves_of(points: list, labels: list[str]) -> dict:
-    """Sweep points → {label: (timesteps, losses)} for `render.loss_plot`."""
-    return {label: ([p.timestep for p in points], [p.losses[k] for p in points]) for k, label in enumerate(labels)}
-
-
 def verdict(points: list, labels: list[str], stopped: bool) -> str:
     """The sweep in one sentence per caption: the mean loss over the timesteps swept."""
     if not points:
@@ -166,7 +161,7 @@ def loss_curve(
                 report(point)
 
     def update(message: str) -> dict:
-        plot = render.to_image(render.loss_plot(curves_of(points, labels), int(timestep))) if points else None
+        plot = render.to_image(render.loss_plot(points, labels, int(timestep))) if points else None
         return {"progress": texts.progress_html(len(points), len(timesteps), time.perf_counter() - start, message),
                 "loss_plot": plot}  # fmt: skip
 
