@@ -328,7 +328,7 @@ def embedding_figure(run: TraceResult, negative: bool = False) -> Figure:
     tokens = run.negative_tokens if negative else run.tokens
     kept = max(1, min(len(tokens), len(e)))
     scale = signed_scale(e[1:kept] if kept > 2 else e)  # the start token's vector is much larger: not the scale
-    fig = Figure(figsize=(9.0, 2.6 + 0.17 * kept))
+    fig = Figure(figsize=(9.0, min(12.0, 2.6 + 0.17 * kept)))
     top, bottom = fig.subplots(2, 1, gridspec_kw={"height_ratios": [max(kept, 4), 11]})
     style = dict(cmap=SIGNED, vmin=-scale, vmax=scale, aspect="auto", interpolation="nearest")
     shown = top.imshow(e[:kept], **style)

@@ -42,6 +42,14 @@ def shot(page, name: str, selector: str):
     page.screenshot(path=str(SHOTS / name), full_page=True)
 
 
+def view_shot(page, name: str, first: str, last: str):
+    """The part of the page from `first` to `last`, for the README (docs/, copied there by hand)."""
+    top, bottom = page.locator(first).first.bounding_box(), page.locator(last).first.bounding_box()
+    scrolled = page.evaluate("window.scrollY")
+    y0, y1 = top["y"] + scrolled - 10, bottom["y"] + bottom["height"] + scrolled + 10
+    page.screenshot(path=str(SHOTS / name), full_page=True, clip={"x": 60, "y": y0, "width": 1320, "height": y1 - y0})
+
+
 def test_the_step_anatomy_follows_the_step_slider(page):
     page.get_by_role("tab", name="Step by step").click()
     page.wait_for_selector("#sdviz-anatomy img")
@@ -54,6 +62,7 @@ def test_the_step_anatomy_follows_the_step_slider(page):
     assert "Guidance." in text and "ε_uncond + s·(ε_text − ε_uncond)" in text and "x_next =" in text
     page.wait_for_selector("#sdviz-guidance img")
     shot(page, "inside-1-anatomy.png", "#sdviz-anatomy-formula")
+    view_shot(page, "readme-anatomy.png", "#sdviz-anatomy-explain", "#sdviz-guidance")
 
 
 def test_words_become_vectors_shows_the_embedding_and_the_similarities(page):
@@ -63,6 +72,7 @@ def test_words_become_vectors_shows_the_embedding_and_the_similarities(page):
     table = page.inner_text("#sdviz-vectors-table")
     assert "77 vectors of" in table and "circle" in table
     shot(page, "inside-2-vectors.png", "#sdviz-embedding")
+    view_shot(page, "readme-vectors.png", "#sdviz-embedding", "#sdviz-similarity")
 
 
 def test_noise_an_image_moves_x_t_with_the_timestep_takes_an_upload_and_sweeps_the_loss(page, tmp_path):
@@ -93,6 +103,7 @@ def test_noise_an_image_moves_x_t_with_the_timestep_takes_an_upload_and_sweeps_t
     page.wait_for_selector("#sdviz-noise-loss img")
     assert "Mean loss over 20 timesteps" in page.inner_text("#sdviz-noise-verdict")
     shot(page, "inside-4-noise-loss.png", "#sdviz-noise-loss")
+    view_shot(page, "readme-noise.png", "#sdviz-noise-image", "#sdviz-noise-loss")
 
 
 def test_the_lesson_pages_through_and_opens_the_panel(page):
@@ -108,6 +119,7 @@ def test_the_lesson_pages_through_and_opens_the_panel(page):
             page.wait_for_selector("#sdviz-lesson-picture img")
             time.sleep(0.3)
             shot(page, "inside-6-lesson-4.png", "#sdviz-lesson-text")
+            view_shot(page, "readme-lesson.png", "#sdviz-lesson-back", "#sdviz-lesson-open")
     assert seen[-1].startswith("9.") and len(set(seen)) == 8
     page.click("#sdviz-lesson-open")  # page 9 → "Noise an image"
     page.wait_for_selector("#sdviz-noise-sweep", state="visible")
