@@ -45,7 +45,8 @@ def main():
     better = (own.mean(1) < other.mean(1)).mean()
     print(f"  scenes whose own caption has the lower mean loss than another's: {better:.0%}")
     print(f"  (scene, timestep) pairs where the own caption is lower: {(own < other).mean():.0%}")
-    print(f"  … lower than no caption: {(own < none).mean():.0%} of pairs; mean {none.mean() / own.mean():.2f}× higher")
+    print(f"  pairs where the own caption is lower than no caption: {(own < none).mean():.0%}")
+    print(f"  no caption / own caption: ×{none.mean() / own.mean():.2f}")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,8 @@ def test_noise_an_image_moves_x_t_with_the_timestep_takes_an_upload_and_sweeps_t
     page.locator("#sdviz-noise-image input[type=file]").set_input_files(str(path))
     wait_image_changes(page, "#sdviz-noise-fitted", before)
     page.fill("#sdviz-noise-caption textarea", "a large yellow square")  # say what the new picture shows
+    page.press("#sdviz-noise-caption textarea", "Enter")
+    page.wait_for_function("() => document.querySelector('#sdviz-noise-status').innerText.includes('large yellow')")
     page.fill("#sdviz-noise-wrong textarea", "a small blue circle")
     page.click("#sdviz-noise-sweep")
     page.wait_for_function("() => document.querySelector('#sdviz-noise-progress').innerText.includes('Done:')",

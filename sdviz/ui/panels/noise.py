@@ -55,12 +55,13 @@ def status(run) -> str:
     """What the numbers of this example are, in words."""
     t, a = float(run.timesteps[0]), float(run.alpha_bars[0])
     c, h, w = run.clean_latent.shape
+    caption = f"the caption “{run.prompt}”" if run.prompt else "no caption"
     lines = [
         f"**t = {t:.0f}** · ᾱ_t = {a:.3f}, so x_t = √ᾱ·z + √(1−ᾱ)·ε = **{a**0.5:.3f}·z + {(1 - a) ** 0.5:.3f}·ε** · "
         f"signal-to-noise ᾱ/(1−ᾱ) = {a / max(1 - a, 1e-12):.3g}",
-        f"**Training loss = {run.loss:.4f}**: the mean of the squared differences between the U-Net's answer and "
-        f"the truth, over all {c}×{h}×{w} = {c * h * w:,} numbers of the latent (0 would be a perfect answer; "
-        f"guessing 0 everywhere would give about {float(run.training_target().square().mean()):.2f}).",
+        f"**Training loss = {run.loss:.4f}** with {caption}: the mean of the squared differences between the "
+        f"U-Net's answer and the truth, over all {c}×{h}×{w} = {c * h * w:,} numbers of the latent (0 would be a "
+        f"perfect answer; guessing 0 everywhere would give about {float(run.training_target().square().mean()):.2f}).",
     ]
     if run.info.prediction_type == "v_prediction":
         lines.append(
@@ -261,7 +262,7 @@ class Panel:
         show = handler(noise, out, models=app.models)
         kwargs = dict(concurrency_id=PIPELINE, concurrency_limit=1, show_progress="hidden")
         gr.on(
-            [self.image.upload, self.timestep.input, self.caption.submit, self.seed.input],
+            [self.image.upload, self.timestep.input, self.caption.submit, self.caption.blur, self.seed.input],
             show,
             inputs,
             list(out.values()),

@@ -25,7 +25,8 @@ def code(text: str) -> str:
 
 
 def summary(run, negative: bool) -> str:
-    """The vectors in numbers: their shape, and per token its text, the length of its vector and its nearest token."""
+    """The vectors in numbers: their shape, and per token (# = its position) its text, its word, the length of its
+    vector and the token whose vector is most like it."""
     embeds = run.negative_prompt_embeds if negative else run.prompt_embeds
     tokens = run.negative_tokens if negative else run.tokens
     e = embeds.float()  # [77, d]
@@ -34,9 +35,10 @@ def summary(run, negative: bool) -> str:
     which = "negative prompt" if negative else "prompt"
     rows = [
         f"**{len(e)} vectors of {e.shape[1]} numbers** ({e.shape[0]} × {e.shape[1]} = {e.numel():,} numbers) for "
-        f"the {which}: {len(tokens)} tokens, then {len(e) - len(tokens)} padding positions.",
+        f"the {which}: {len(tokens)} tokens, then {len(e) - len(tokens)} padding positions. # is a token's position; "
+        "“most like” is the other token whose vector points the most the same way.",
         "",
-        "| position | token | part of the word | length of its vector | most like |",
+        "| # | token | word | vector length | most like |",
         "|---|---|---|---|---|",
     ]
     words = run.negative_words if negative else run.words
@@ -82,9 +84,9 @@ class Panel:
         )
         with gr.Row():
             self.similarity = gr.Image(
-                show_label=False, interactive=False, format="png", elem_id="sdviz-similarity", scale=3
+                show_label=False, interactive=False, format="png", elem_id="sdviz-similarity", scale=1
             )
-            with gr.Column(scale=2):
+            with gr.Column(scale=1):
                 self.table = gr.Markdown(elem_id="sdviz-vectors-table")
 
     def wire(self, app: App):
