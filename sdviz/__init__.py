@@ -6,11 +6,13 @@
         image = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0]
     run = tracer.result                                # sdviz.TraceResult
     sdviz.render.overlay(image, run.heatmap("circle", size="image"))
+    run.noise_pred_text, run.prompt_embeds             # inside each step: the U-Net's predictions, the text vectors
+    sdviz.noise_image(pipe, image, "a red circle", timestep=500).loss   # one training example, on any image
 
 Data flows one way: loading → trace (attention + steps + tokens) → result → render → app / CLI.
 """
 
-from . import render
+from . import anatomy, render
 from .explain import ImageExplanation, explain_image
 from .generate import Cancelled, generate
 from .loading import PRESETS, ModelUnavailableError, load_pipeline
@@ -34,6 +36,7 @@ __all__ = [
     "SCHEDULERS",
     "Cancelled",
     "render",
+    "anatomy",
     "PRESETS",
     "ModelUnavailableError",
 ]

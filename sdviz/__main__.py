@@ -49,12 +49,19 @@ written for each prompt (into DIR, or DIR/NN-<prompt>/ in a batch):
   latent-channels.png          every latent channel in grey
   schedule.png                 timestep, sigma and alpha-bar at each step
   attention-over-time.png      each word's share of attention at each step
+  step-anatomy.png             one step taken apart: x_t, the U-Net's two predictions, guidance, x0, the next
+                               latent (--anatomy-step; default the middle step)
+  guidance.png                 how much the prompt changes the predicted noise at each step (guidance runs)
+  text-embedding.png           the prompt's 77 token vectors as an image
   trace.safetensors            everything recorded (load with sdviz.TraceResult.load)
   report.html                  one self-contained page with all of the above, explained; opens offline
 
 a batch also writes DIR/index.jsonl, one JSON line per prompt written: prompt, settings, seed, model, the rank
 that made it, the paths written and each word's peak and mass; running the same command again skips the prompts
 already in it. Under `accelerate launch` each process takes its share of the prompts.
+
+forward diffusion and the training loss on an image of your own (python -m sdviz noise --help):
+  python -m sdviz noise photo.png --prompt "a red circle" --timestep 500 --out noised
 
 exit status: 0 when every prompt was written, 1 when some failed (listed at the end), 2 for a usage or model
 error, 130 when interrupted.
@@ -150,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="W1,W2",
         help="draw only these words' heatmaps (comma-separated, or repeat the option); in a batch, "
         "each prompt draws those it contains (default: every word)",
+    )
+    parser.add_argument(
+        "--anatomy-step",
+        type=int,
+        metavar="N",
+        help="the step (1-based) whose anatomy step-anatomy.png and the report show (default: the middle step)",
     )
     parser.add_argument("--device", metavar="NAME", help="cuda, mps or cpu (default: the best available)")
     parser.add_argument(
@@ -328,17 +341,23 @@ def present_words(run, wanted: list[str] | None) -> list[str] | None:
     return found
 
 
-def write_outputs(out: Path, run, image, settings, model: str, words, extra: dict, previewer=None) -> list[Path]:
-    """Every file of one prompt's handout, in `out` (step pictures drawn by `previewer`)."""
+def write_outputs(
+    out: Path, run, image, settings, model: str, words, extra: dict, previewer=None, anatomy_step=None
+) -> list[Path]:
+    """Every file of one prompt's handout, in `out` (step pictures drawn by `previewer`; `anatomy_step`:
+    1-based, None for the middle step)."""
     out.mkdir(parents=True, exist_ok=True)
-    pictures = report.handout_images(run, image, words, previewer=previewer)
+    if anatomy_step is not None and not 1 <= anatomy_step <= run.num_steps:
+        raise ValueError(f"--anatomy-step {anatomy_step}: this run has steps 1–{run.num_steps}")
+    step = None if anatomy_step is None else anatomy_step - 1
+    pictures = report.handout_images(run, image, words, previewer=previewer, anatomy_step=step)
     written = []
     for name, picture in pictures.items():
         picture.save(out / name)
         written.append(out / name)
     written.append(run.save(out / "trace.safetensors"))
     info = dataclasses.asdict(settings) | {"model": model}
-    written.append(report.write_report(out / "report.html", run, image, info, extra, words, pictures, previewer))
+    written.append(report.write_report(out / "report.html", run, image, info, extra, words, pictures, previewer, step))
     return written
 
 
@@ -353,9 +372,11 @@ def run_job(
     previewer=None,
     index=None,
     processes=None,
+    anatomy_step=None,
 ) -> list[Path]:
     """Generate one prompt (a step progress bar below the prompts bar when `nested`) and write its handout
-    (step pictures drawn by `previewer`); in a batch, add its record to the `index` (sdviz.batch)."""
+    (step pictures drawn by `previewer`, the anatomy of `anatomy_step`); in a batch, add its record to the
+    `index` (sdviz.batch)."""
     settings = job_settings(base, job)
     bar = tqdm(total=settings.steps, desc="steps", unit="step", leave=False, position=int(nested))
 
@@ -375,7 +396,7 @@ def run_job(
         "Generation time": f"{seconds:.1f} s",
         "Reproduce with": reproduce(settings, model),
     }
-    written = write_outputs(job.out, run, image, settings, model, words, extra, previewer)
+    written = write_outputs(job.out, run, image, settings, model, words, extra, previewer, anatomy_step)
     if index is not None:
         index.add(
             index.record(
@@ -412,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
 
     Usage errors exit through argparse (SystemExit with status 2), as `--help` does with 0.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["noise"]:  # `python -m sdviz noise IMAGE …`: forward diffusion of an image (sdviz.noise_cli)
+        from .noise_cli import main as noise_main
+
+        return noise_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if (args.prompt is None) == (args.prompts is None):
@@ -473,6 +499,7 @@ def _run(args, parser) -> int:
                         previewer=pictures,
                         index=index,
                         processes=processes,
+                        anatomy_step=args.anatomy_step,
                     )
             except Exception as err:  # a batch goes on; the failure is reported at the end
                 failures.append((job, f"{type(err).__name__}: {err}"))

@@ -2,7 +2,8 @@
 
 Times traced and untraced generations interleaved in one process (median of --repeats each, order
 alternating so drift cancels) and reports the memory a trace holds. Memory is measured on a short
-run at --memory-size and scaled to --memory-steps: every step stores tensors of the same shapes.
+run at --memory-size and scaled to --memory-steps: every step stores tensors of the same shapes; what a
+trace holds once (the text vectors, the last latent) is counted once.
 
 `--research` instead measures the research records of issue 14 (kept queries, self-attention) and
 `run.attend`.
@@ -48,6 +49,26 @@ def _time(pipe, traced: bool, size: int, steps: int, prompt: str) -> tuple[float
     return time.perf_counter() - start, None
 
 
+# Tensors a trace holds one row of per step ([S, …]); the attention maps are per step too. The rest (the
+# text vectors [77, d], the final latent) it holds once, whatever the number of steps.
+PER_STEP = ("latents", "model_outputs", "x0", "timesteps", "sigmas", "alpha_bars", "schedule_timesteps",
+            "schedule_sigmas", "noise_pred_uncond", "noise_pred_text")  # fmt: skip
+
+
+def trace_bytes(run) -> tuple[float, int]:
+    """(bytes per step, bytes held once) of a trace's tensors."""
+    nbytes = {name: t.numel() * t.element_size() for name in run.TENSORS if (t := getattr(run, name)) is not None}
+    maps = sum(t.numel() * t.element_size() for name in run.TENSOR_DICTS for t in getattr(run, name).values())
+    per_step = sum(nbytes.get(name, 0) for name in PER_STEP) + maps
+    return per_step / run.num_steps, sum(nbytes.values()) + maps - per_step
+
+
+def trace_bytes_inside(run) -> float:
+    """Bytes per step of the U-Net's two predictions before guidance (part of `trace_bytes`' per step)."""
+    kept = [t for t in (run.noise_pred_uncond, run.noise_pred_text) if t is not None]
+    return sum(t.numel() * t.element_size() for t in kept) / run.num_steps
+
+
 def measure(
     family: str,
     full: bool,
@@ -72,7 +93,7 @@ def measure(
             (traced if is_traced else plain).append(seconds)
     probe_steps = 2
     _, run = _time(pipe, True, memory_size, probe_steps, prompt)
-    per_step = run.nbytes / run.num_steps
+    per_step, once = trace_bytes(run)
     ratios = [t / p for t, p in zip(traced, plain)]
     return {
         "family": family,
@@ -90,7 +111,8 @@ def measure(
         "layers": len(run.layers),
         "memory_size": memory_size,
         "memory_steps": memory_steps,
-        "trace_mb": per_step * memory_steps / 2**20,
+        "trace_mb": (per_step * memory_steps + once) / 2**20,
+        "trace_mb_inside_steps": trace_bytes_inside(run) * memory_steps / 2**20,
     }
 
 
@@ -487,7 +509,8 @@ def main(argv=None) -> int:
     )
     print(
         f"  trace memory at {fig['memory_size']}², {fig['memory_steps']} steps, {fig['tokens_kept']} tokens kept, "
-        f"{fig['layers']} layers: {fig['trace_mb']:.1f} MB"
+        f"{fig['layers']} layers: {fig['trace_mb']:.1f} MB (of which the U-Net's two predictions before "
+        f"guidance: {fig['trace_mb_inside_steps']:.1f} MB)"
     )
     return _save(fig, args.json)
 

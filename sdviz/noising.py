@@ -62,10 +62,18 @@ def pipeline_size(pipe) -> tuple[int, int]:
     return side, side
 
 
+def check_size(pipe, size) -> tuple[int, int]:
+    """(height, width) in pixels: `size`, or the pipeline's own; ValueError unless both are multiples of 8."""
+    height, width = (int(v) for v in (size or pipeline_size(pipe)))
+    if height <= 0 or width <= 0 or height % 8 or width % 8:
+        raise ValueError(f"the size must be positive multiples of 8 pixels, as pipelines need; got {height}×{width}")
+    return height, width
+
+
 def fit_image(pipe, image, size: tuple[int, int] | None = None) -> Image.Image:
-    """The image as `noise_image` uses it: RGB, centre-cropped to the aspect of `size` and resized to it
-    (default: the pipeline's own size, e.g. 64×64 for the built-in model, 512×512 for SD 1.5)."""
-    height, width = size or pipeline_size(pipe)
+    """The image as `noise_image` uses it: RGB, centre-cropped to the aspect of `size` (height, width) and resized
+    to it (default: the pipeline's own size, e.g. 64×64 for the built-in model, 512×512 for SD 1.5)."""
+    height, width = check_size(pipe, size)
     image = _pil(image)
     scale = max(width / image.width, height / image.height)
     resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
@@ -146,7 +154,7 @@ def _unet(pipe, x_t: torch.Tensor, t: int, conditioning: dict) -> torch.Tensor:
 @torch.no_grad()
 def noise_image(
     pipe, image, prompt: str, timestep: int, seed: int = 0, size: tuple[int, int] | None = None, **trace_options
-):
+) -> TraceResult:
     """One training example, traced: `image` noised to `timestep` and the U-Net's prediction for `prompt`.
 
     Returns a one-step `TraceResult` (on the CPU, like a generation's):
@@ -163,7 +171,7 @@ def noise_image(
     """
     if prompt is None or not isinstance(prompt, str):
         raise TypeError(f'prompt must be text ("" for no caption); got {type(prompt).__name__}')
-    size = tuple(size) if size else pipeline_size(pipe)
+    size = check_size(pipe, size)
     picture = fit_image(pipe, image, size)
     with training_scheduler(pipe) as scheduler:
         t = check_timestep(scheduler, timestep)
@@ -219,7 +227,7 @@ def loss_sweep(
     prompts = list(prompts)
     if not prompts:
         raise ValueError('give at least one prompt ("" for no caption)')
-    size = tuple(size) if size else pipeline_size(pipe)
+    size = check_size(pipe, size)
     picture = fit_image(pipe, image, size)
     with training_scheduler(pipe) as scheduler:
         steps = list(timesteps) if timesteps is not None else sweep_timesteps()
@@ -235,8 +243,3 @@ def loss_sweep(
             target = training_target(scheduler.config.prediction_type, clean[0], noise[0], alpha_bar)
             losses = tuple(float(((out - target) ** 2).mean()) for out in output)
             yield LossPoint(i, len(steps), t, alpha_bar, losses)
-
-
-def is_noised(run: TraceResult) -> bool:
-    """Whether `run` was made by `noise_image` (it holds the clean latent and the noise)."""
-    return run.clean_latent is not None and run.noise is not None

@@ -58,6 +58,8 @@ class RunInfo:
     # Where the cross-attention maps come from: "recorded" (the U-Net's own, during the call) or "queries"
     # (recomputed for another text from the run's stored queries by `run.attend`).
     maps_from: str = "recorded"
+    # The Euler family's latents are x0 + σ·ε (the U-Net gets them divided by √(σ² + 1)); others' are √ᾱ·x0 + √(1−ᾱ)·ε.
+    sigma_space: bool = False
 
     @property
     def vae_scale_factor(self) -> int:
@@ -558,6 +560,16 @@ class TraceResult:
         if normalize and out.max() > 0:
             out = out / out.max()
         return out
+
+    # -- the text encoder's vectors ------------------------------------------------------------------
+    def token_similarity(self, negative: bool = False) -> np.ndarray:
+        """float32 [T, T]: cosine similarity between the kept tokens' text vectors (`prompt_embeds` rows)."""
+        embeds = self.negative_prompt_embeds if negative else self.prompt_embeds
+        tokens = self.negative_tokens if negative else self.tokens
+        if embeds is None or embeds.numel() == 0 or not tokens:
+            raise ValueError("this trace holds no text vectors for that prompt: generate again to record them")
+        v = F.normalize(embeds[[t.index for t in tokens]].float(), dim=-1)  # [T, d]
+        return (v @ v.T).numpy().astype(np.float32)
 
     # -- forward diffusion and the training loss (a run made by sdviz.noise_image) -----------------------
     def _noised(self):

@@ -47,7 +47,7 @@ from .attention import (
 )
 from .preview import preview_map
 from .result import RunInfo, TraceResult
-from .steps import noise_level, predicted_x0, schedule_of
+from .steps import is_sigma_space, noise_level, predicted_x0, schedule_of
 from .tokens import tokens_by_index, tokens_from_ids, truncated_text
 
 _MARK = "__sdviz_tracer__"  # set on the step wrapper: how sdviz knows a scheduler is already traced
@@ -542,6 +542,7 @@ class Tracer:
             image=self.image,
             tokens_from=self._texts[0][2] if self._texts else "none",
             negative_tokens_from=self._texts[1][2] if self._texts else "none",
+            sigma_space=is_sigma_space(pipe.scheduler),
         )
 
     def _build_result(self, complete: bool) -> TraceResult:

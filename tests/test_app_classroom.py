@@ -179,3 +179,23 @@ def test_stop_in_compare_has_the_last_word(browser, app_server):
     assert text.startswith("Stopped after 1 of the variants"), text
     assert page.locator("#sdviz-cmp-gallery img").count() == 1  # the finished variant stays
     page.close()
+
+
+def test_only_the_tab_on_screen_is_drawn_after_a_run_and_a_tab_keeps_what_you_set(browser, app_server):
+    page = open_page(browser, app_server, 1366, 900)
+    set_slider(page, "sdviz-steps", 6)
+    page.evaluate("window.scrollTo(0, 0)")
+    click(page, "#sdviz-generate")
+    page.wait_for_function("() => document.querySelector('#sdviz-heatmap-caption').innerText.includes('all 6 steps')")
+    time.sleep(1.0)
+    assert page.locator("#sdviz-embedding img").count() == 0  # another tab: not drawn yet
+    page.get_by_role("tab", name="Steps").click()
+    page.wait_for_function("() => document.querySelector('#sdviz-step-caption').innerText.includes('Step 6 of 6')")
+    set_slider(page, "sdviz-step", 3)
+    page.wait_for_function("() => document.querySelector('#sdviz-step-caption').innerText.includes('Step 3 of 6')")
+    page.get_by_role("tab", name="Words → vectors").click()
+    page.wait_for_selector("#sdviz-embedding img")  # drawn when opened
+    page.get_by_role("tab", name="Steps").click()
+    time.sleep(1.5)
+    assert "Step 3 of 6" in page.inner_text("#sdviz-step-caption")  # not redrawn: the step you chose stays
+    page.close()

@@ -21,21 +21,25 @@ PICTURES = [
     "latent-channels.png",
     "schedule.png",
     "attention-over-time.png",
+    "step-anatomy.png",
+    "guidance.png",
+    "text-embedding.png",
 ]
 
 
 def assert_handout(folder, prompt, words):
     """Every listed file is there, is what it says, and nothing else is."""
     heatmaps = [f"heatmap-{i:02d}-{w}.png" for i, w in enumerate(words, 1)]
-    files = PICTURES + heatmaps + ["trace.safetensors", "report.html"]
+    run = sdviz.TraceResult.load(folder / "trace.safetensors")
+    pictures = [p for p in PICTURES if p != "guidance.png" or run.info.cfg]  # the guidance plot needs guidance
+    files = pictures + heatmaps + ["trace.safetensors", "report.html"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(files)
-    for name in PICTURES + heatmaps:
+    for name in pictures + heatmaps:
         with Image.open(folder / name) as picture:
             assert picture.format == "PNG" and min(picture.size) > 0
-    run = sdviz.TraceResult.load(folder / "trace.safetensors")
     assert run.prompt == prompt and run.image_size == (64, 64)
     page = (folder / "report.html").read_text(encoding="utf-8")
-    assert prompt in page and page.count("<img ") == len(PICTURES) + len(heatmaps) and "https://" not in page
+    assert prompt in page and page.count("<img ") == len(pictures) + len(heatmaps) and "https://" not in page
     return run
 
 
@@ -167,3 +171,32 @@ def test_a_prompts_file_line_may_carry_its_own_settings():
     assert split_line("a well-lit -- no, dim -- room") == ("a well-lit -- no, dim -- room", {})
     with pytest.raises(ValueError, match="unrecognized arguments: --colour"):
         split_line("a cat --colour red")
+
+
+def test_anatomy_step_chooses_the_handouts_step_and_a_wrong_one_says_the_range(tmp_path, capsys):
+    out = tmp_path / "anatomy"
+    assert main(["a red circle", "--out", str(out), "--anatomy-step", "1", *FAST]) == 0
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "Step 1 of 2" in page and "Inside one step" in page and "Words become vectors" in page
+    assert main(["a red circle", "--out", str(tmp_path / "bad"), "--anatomy-step", "3", *FAST]) == 1
+    assert "--anatomy-step 3: this run has steps 1–2" in capsys.readouterr().err
+
+
+def test_noise_writes_the_forward_diffusion_pictures_and_the_loss_curve(tmp_path, capsys):
+    from sdviz.toy import world
+
+    scene = world.sample_scenes(1, seed=2)[0]
+    Image.fromarray(scene.image).save(tmp_path / "scene.png")
+    out = tmp_path / "noised"
+    argv = ["noise", str(tmp_path / "scene.png"), "--prompt", scene.caption, "--wrong", "a small blue triangle",
+            "--timestep", "300", "--points", "3", "--model", "toy", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    expected = ["image.png", "noising.png", "noise.png", "schedule.png", "loss-vs-t.png", "loss-vs-t.csv"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected + ["trace.safetensors"])
+    run = sdviz.TraceResult.load(out / "trace.safetensors")
+    assert int(run.timesteps[0]) == 300 and f"training loss {run.loss:.4f}" in capsys.readouterr().err
+    rows = (out / "loss-vs-t.csv").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 4 and rows[0].startswith("timestep,alpha_bar,") and "a small blue triangle" in rows[0]
+    assert main(["noise", str(tmp_path / "scene.png"), "--timestep", "1000", "--model", "toy",
+                 "--out", str(out)]) == 2  # fmt: skip
+    assert "from 0 (clean) to 999" in capsys.readouterr().err

@@ -87,3 +87,14 @@ def test_the_new_fields_save_and_load(sd1_pipe, tmp_path):
     _, _, off = traced(sd1_pipe, guidance=1.0)
     back = sdviz.TraceResult.load(off.save(tmp_path / "off.safetensors"))
     assert back.noise_pred_text.numel() == 0  # empty stays empty
+
+
+def test_the_benchmarks_memory_figure_scales_per_step_tensors_only(sd1_pipe):
+    """bench scales a short run's trace to 50 steps: what grows with the steps is scaled, the text vectors are not."""
+    from sdviz.bench import trace_bytes
+
+    _, _, short = traced(sd1_pipe, num_inference_steps=2)
+    _, _, long = traced(sd1_pipe, num_inference_steps=5)
+    per_step, once = trace_bytes(short)
+    assert per_step * 5 + once == long.nbytes
+    assert once >= short.prompt_embeds.numel() * 4 * 2  # both text vectors, counted once

@@ -132,6 +132,8 @@ def test_bad_inputs_say_what_to_do(toy, scene, sd1_pipe):
         sdviz.noise_image(toy, scene.image, scene.caption, 2.5)
     with pytest.raises(ValueError, match=r"\[height, width, 3\]"):
         sdviz.noise_image(toy, np.zeros((4, 4, 2), np.uint8), scene.caption, 10)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        sdviz.noise_image(toy, scene.image, scene.caption, 10, size=(60, 64))
     with pytest.raises(TypeError, match="prompt must be text"):
         sdviz.noise_image(toy, scene.image, None, 10)
     with training_scheduler(toy):

@@ -301,3 +301,88 @@ def test_the_number_of_cpu_threads_is_chosen_for_the_model_and_can_be_set(sd1_pi
     with pytest.raises(ValueError, match="1 or more"):
         pick_threads(sd1_pipe, 0)
     assert Models({RANDOM: RANDOM_PRESET}, loaded={RANDOM: sd1_pipe}, threads=2).threads(RANDOM) == 2
+
+
+# -- inside the machine: the step's anatomy, words → vectors, noise an image, the lesson ----------------------
+def test_anatomy_panel_fills_the_formula_with_the_steps_own_numbers(stored):
+    from sdviz import anatomy as take_apart
+    from sdviz.ui.panels import anatomy
+
+    out = anatomy.anatomy(2, stored)
+    a = take_apart.step_anatomy(stored.run, 1)
+    c, r, col = take_apart.telling_element(a)
+    number = take_apart.formula_number
+    assert "Step 2 of 4" in out["formula"] and f"s = {a.guidance_scale:g}" in out["formula"]
+    assert f"{number(a.uncond[c, r, col].item())} + {a.guidance_scale:g} × " in out["formula"]
+    assert f"x_next = {a.mix()[0]:.3f}·x_t" in out["formula"]
+    assert out["figure"].width > 500 and out["guidance"].visible and not out["no_guidance"].visible
+    assert anatomy.show_run(stored)["formula"].startswith("**Step 4 of 4**")
+    with pytest.raises(ValueError, match="steps 1–4"):
+        anatomy.anatomy(5, stored)
+
+
+def test_vectors_panel_shows_the_prompts_and_the_negative_prompts_vectors(stored):
+    from sdviz.ui.panels import text_encoder
+
+    out = text_encoder.vectors(False, stored)
+    d = stored.run.prompt_embeds.shape[1]
+    assert f"**77 vectors of {d} numbers**" in out["table"] and "| 3 | `circle` | circle |" in out["table"]
+    assert out["embedding"].width > 400 and out["similarity"].width > 300
+    assert "| blurry |" in text_encoder.vectors(True, stored)["table"]  # its pieces belong to the word
+    assert text_encoder.show_run(stored)["negative"] is False
+
+
+def test_noise_panel_noises_the_last_image_and_sweeps_the_loss_until_stopped(models, stored, monkeypatch):
+    from sdviz.ui.panels import noise
+
+    monkeypatch.setattr(noise, "POINTS", 5)  # a short sweep: the same code as 20 timesteps
+
+    picked = noise.last_image(stored)
+    assert picked["caption"] == PROMPT
+    out = noise.noise(picked["image"], PROMPT, 700, 0, RANDOM, models=models)
+    library = sdviz.noise_image(models.pipeline(RANDOM), picked["image"], PROMPT, 700, seed=0)
+    assert "**t = 700**" in out["status"] and f"Training loss = {library.loss:.4f}" in out["status"]
+    assert out["xt_decoded"].size == out["fitted"].size and out["noise_figure"].width > 200
+    with pytest.raises(ValueError, match="Pick an image first"):
+        noise.noise(None, PROMPT, 700, 0, RANDOM, models=models)
+    scene = noise.scene()
+    assert scene["image"].shape == (64, 64, 3) and scene["caption"] != scene["wrong_caption"]
+    stops = StopRequests()
+    sweep = noise.loss_curve(picked["image"], PROMPT, "a blue square", 0, 500, RANDOM, request("sweeper"),
+                             models=models, stops=stops)  # fmt: skip
+    assert "one U-Net call per timestep" in next(sweep)["progress"]
+    assert stops.stop("sweeper")
+    last = list(sweep)[-1]
+    assert "Stopped" in last["progress"] and ("Stopped after" in last["verdict"] or "before" in last["verdict"])
+    done = list(noise.loss_curve(picked["image"], PROMPT, "", 0, 500, RANDOM, request(), models=models,
+                                 stops=StopRequests()))[-1]  # fmt: skip
+    assert "Done: 5 timesteps" in done["progress"] and "the caption: **" in done["verdict"]
+    assert "a wrong caption" not in done["verdict"]  # none given: two curves
+    assert isinstance(done["loss_plot"], Image.Image)
+
+
+def test_lesson_pages_tell_the_run_and_open_the_right_panel(stored):
+    from sdviz.ui.panels import lesson
+
+    for n in range(1, len(lesson.PAGES) + 1):
+        out = lesson.lesson(n, stored)
+        assert out["counter"] == f"Page **{n}** of {len(lesson.PAGES)}" and out["text"].startswith("### ")
+    assert f"{len(stored.run.tokens)} tokens" in lesson.lesson(1, stored)["text"]
+    assert f"{SIZE // 8} × {SIZE // 8}" in lesson.lesson(2, stored)["text"]
+    assert lesson.open_panel(7)["tabs"].selected == "words" and lesson.open_panel(9)["tabs"].selected == "noise"
+    assert lesson.turn(len(lesson.PAGES), 1)["page"].value == len(lesson.PAGES)
+    with pytest.raises(ValueError, match="pages 1–9"):
+        lesson.lesson(10, stored)
+
+
+def test_the_new_panels_require_a_run_with_one_message():
+    from sdviz.ui.panels import anatomy, lesson, noise, text_encoder
+
+    for fn in (
+        lambda: anatomy.anatomy(1, None),
+        lambda: text_encoder.vectors(False, None),
+        lambda: noise.last_image(None),
+        lambda: lesson.lesson(1, None),
+    ):
+        with pytest.raises(ValueError, match="Generate an image first"):
+            fn()

@@ -12,11 +12,26 @@ import gradio as gr
 
 from . import texts
 from .models import Models
-from .panels import compare, explain, generate, how, over_time, self_attention, steps, words
+from .panels import (
+    anatomy,
+    compare,
+    explain,
+    generate,
+    how,
+    lesson,
+    noise,
+    over_time,
+    self_attention,
+    steps,
+    text_encoder,
+    words,
+)
 from .wiring import STATE_TTL_S, App, StopRequests
 
 # The tabs under the controls, in order. `words` comes first: it owns the filters other tabs read.
-TABS = [words, steps, over_time, compare, self_attention, explain, how]
+TABS = [words, steps, over_time, compare, text_encoder, noise, lesson, self_attention, explain, how]
+# Panels placed below another in its tab, reading its controls: {tab's module: [panel modules]}.
+BELOW = {steps: [anatomy]}
 
 
 def example_prompts(path: Path) -> list[str]:
@@ -30,15 +45,22 @@ def build_app(models: Models, examples: list[str] | None = None, queue_size: int
     # Sliders start with room for any run: API clients never receive the per-run maxima the page sets.
     most_steps = max(p.max_steps for p in models.choices.values()) + 1  # PNDM records one extra step
     with gr.Blocks(title="sdviz — see inside Stable Diffusion", analytics_enabled=False) as demo:
-        app = App(models, gr.State(None, time_to_live=STATE_TTL_S), StopRequests(), most_steps,
-                  examples=list(examples or []))  # fmt: skip
+        app = App(
+            models, gr.State(None, time_to_live=STATE_TTL_S), StopRequests(), most_steps, examples=list(examples or [])
+        )
         gr.Markdown(texts.HEADER)
-        panels = [generate.Panel(app)]
-        with gr.Tabs():
+        panels = [(None, generate.Panel(app))]
+        tabs = {}
+        # Tabs wrap onto a second line rather than hide behind a menu (a class on a phone finds them all).
+        with gr.Tabs(overflow_behavior="wrap") as app.tabs:
             for module in TABS:
-                with gr.Tab(module.TITLE, id=module.ID):
-                    panels.append(module.Panel(app))
-        for panel in panels:  # the generate panel first: the others follow its runs
+                with gr.Tab(module.TITLE, id=module.ID) as tabs[module.ID]:
+                    panels.append((module.ID, module.Panel(app)))
+                    panels += [(module.ID, extra.Panel(app)) for extra in BELOW.get(module, [])]
+        app.visible = gr.State(TABS[0].ID)
+        for tab_id, panel in panels:  # the generate panel first: the others follow its runs
+            app.wiring_tab = tab_id
             panel.wire(app)
+        app.connect_refreshers(tabs)
     demo.queue(max_size=queue_size, default_concurrency_limit=2)
     return demo

@@ -7,6 +7,7 @@ KeyError with the library's teaching messages; `wiring.handler` turns those into
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +33,7 @@ class Session:
     label: str  # the model as the page names it
     # Pictures drawn once per run and reused by later events (e.g. the schedule chart); never shared.
     cache: dict = field(default_factory=dict, repr=False, compare=False)
+    serial: str = field(default_factory=lambda: uuid.uuid4().hex)  # names this run (panels know what they drew)
 
     @property
     def partial(self) -> bool:

@@ -23,6 +23,8 @@ CSS = """
 /* captions above pictures (instead of labels floating over their top edge) */
 .sdviz-caption {margin-bottom: -10px !important;}
 .sdviz-caption p {margin: 0 !important;}
+/* ten tabs: tighter than Gradio's default padding, so that all of them fit from about 1200 px wide */
+.tab-container button {padding-left: 10px !important; padding-right: 10px !important;}
 /* Gradio moves tabs that don't fit into a menu behind "⋯": name it */
 .overflow-menu > button::after {content: "More tabs"; margin-left: 6px; font-size: 0.95em; font-weight: 600;}
 @media (max-width: 640px) {

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import inspect
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import gradio as gr
@@ -225,6 +226,18 @@ class View:
 
 
 @dataclass
+class Refresher:
+    """A panel's redraw after a new run (see `App.after_run`), and the run it last drew (per session)."""
+
+    tab: str | None  # the tab it lives in (None: always on screen)
+    fn: Callable  # a `handler(...)`: its inputs → {component: value}
+    inputs: list
+    outputs: list
+    drawn: gr.State  # the `Session.serial` of the run it last drew
+    options: dict
+
+
+@dataclass
 class App:
     """What the composer hands every panel."""
 
@@ -237,8 +250,54 @@ class App:
     word: gr.Radio | None = None  # the words panel's chosen word
     new_run: list = field(default_factory=list)  # events after which `session` holds a new run
     examples: list[str] = field(default_factory=list)
+    step: gr.Slider | None = None  # the step-by-step panel's step slider (1-based)
+    tabs: gr.Tabs | None = None  # the tabs under the controls: `gr.Tabs(selected=ID)` opens a panel's tab
+    visible: gr.State | None = None  # per session: the ID of the tab on screen
+    refreshers: list = field(default_factory=list)
+    wiring_tab: str | None = None  # set by the composer while a panel wires itself
+    tab_changes: list = field(default_factory=list)  # events after which another tab is on screen
 
     def after_run(self, fn, inputs, outputs, **kwargs):
-        """Run `fn` after every event that leaves a new run in `session` (a panel refreshing itself)."""
-        for event in self.new_run:
-            event.success(fn, inputs, outputs, api_visibility="private", show_progress="hidden", **kwargs)
+        """Redraw a panel with `fn` when it shows a run it hasn't drawn yet: after a new run if its tab is
+        on screen, else when its tab is opened. A run makes every panel stale, but only what is seen is
+        drawn (on a shared CPU, drawing all ten tabs after every run would take longer than the run)."""
+        self.refreshers.append(Refresher(self.wiring_tab, fn, list(inputs), list(outputs), gr.State(None), kwargs))
+
+    def refresh_on(self, event):
+        """After `event`, which sets `visible` (e.g. a button that opens another tab), redraw the stale
+        panels of the tab now on screen."""
+        self.tab_changes.append(event)
+
+    def connect_refreshers(self, tabs: dict):
+        """Wire every refresher (the composer calls this once all panels are wired). `tabs`: {ID: gr.Tab}."""
+        for tab_id, tab in tabs.items():
+            opened = tab.select(
+                lambda tab_id=tab_id: tab_id,
+                None,
+                self.visible,
+                api_visibility="private",
+                queue=False,
+                show_progress="hidden",
+            )
+            self.tab_changes.append(opened)
+        for r in self.refreshers:
+            inputs, outputs = [self.visible, r.drawn, self.session, *r.inputs], [*r.outputs, r.drawn]
+            options = dict(api_visibility="private", show_progress="hidden", **r.options)
+            for event in self.new_run:
+                event.success(_gate(r, stale_only=False), inputs, outputs, **options)
+            for event in self.tab_changes:
+                event.then(_gate(r, stale_only=True), inputs, outputs, **options)
+
+
+def _gate(r: Refresher, stale_only: bool):
+    """`r.fn`, run only when its tab is on screen (and, with `stale_only`, its run not yet drawn)."""
+
+    def gated(visible, drawn, session, *args):
+        if session is None or (r.tab is not None and visible != r.tab):
+            return {}
+        if stale_only and drawn == session.serial:
+            return {}
+        out = r.fn(*args)
+        return {**(out if isinstance(out, dict) else {}), r.drawn: session.serial}
+
+    return gated

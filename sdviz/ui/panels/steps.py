@@ -232,6 +232,7 @@ class Panel:
         )
         gr.Markdown(SCHEDULE, elem_classes="sdviz-explain")
         self.schedule = gr.Image(label="Noise schedule", interactive=False, elem_id="sdviz-schedule", format="png")
+        app.step = self.step  # panels placed below this one follow the slider
 
     def outputs(self) -> dict:
         names = ["caption", "xt", "x0", "decoded", "z_rgb", "z_channels", "schedule", "step_heat", "latents_text"]
