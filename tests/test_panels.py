@@ -386,3 +386,38 @@ def test_the_new_panels_require_a_run_with_one_message():
     ):
         with pytest.raises(ValueError, match="Generate an image first"):
             fn()
+
+
+def test_a_panel_off_screen_or_already_drawn_is_left_as_it_is_without_an_error():
+    # The lazy redraw's gate must hand Gradio something it accepts for "change nothing" on every output
+    # (an empty dict once raised "didn't return enough output values" on every run, for every hidden tab).
+    import asyncio
+
+    import gradio as gr
+
+    from sdviz.ui.wiring import App
+
+    with gr.Blocks() as demo:
+        app = App(models=None, session=gr.State(None), stops=None, most_steps=1, visible=gr.State("a"))
+        with gr.Tab("A") as tab_a:
+            go = gr.Button()
+        with gr.Tab("B") as tab_b:
+            text, picture = gr.Markdown(), gr.Image()
+        app.new_run.append(go.click(lambda: None, None, None))
+        app.wiring_tab = "b"
+        app.after_run(lambda: {text: "drawn", picture: None}, [], [text, picture])
+        app.connect_refreshers({"a": tab_a, "b": tab_b})
+    from gradio.state_holder import SessionState
+
+    session, drawn_state = SimpleNamespace(serial=3), app.refreshers[0].drawn
+    gates = [fn for fn in demo.fns.values() if fn.fn is not None and fn.fn.__name__ == "gated"]
+    assert len(gates) == 3  # after the run, and after each tab is opened
+    for k, block_fn in enumerate(gates):  # the first follows the run: it redraws even a drawn panel
+        skipped = [("a", None)] if k == 0 else [("a", None), ("b", 3)]  # B hidden; B showing run 3 already
+        for visible, drawn in skipped:
+            state = SessionState(demo)
+            out = asyncio.run(demo.postprocess_data(block_fn, block_fn.fn(visible, drawn, session), state))
+            assert out[:2] == [{"__type__": "update"}] * 2 and drawn_state._id not in state, out
+        state = SessionState(demo)
+        out = asyncio.run(demo.postprocess_data(block_fn, block_fn.fn("b", 2, session), state))
+        assert out[0] == "drawn" and state[drawn_state._id] == 3

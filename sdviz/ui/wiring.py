@@ -293,10 +293,11 @@ def _gate(r: Refresher, stale_only: bool):
     """`r.fn`, run only when its tab is on screen (and, with `stale_only`, its run not yet drawn)."""
 
     def gated(visible, drawn, session, *args):
+        # Nothing to draw: one skip() leaves every output as it is (an empty dict would be read as one value).
         if session is None or (r.tab is not None and visible != r.tab):
-            return {}
+            return gr.skip()
         if stale_only and drawn == session.serial:
-            return {}
+            return gr.skip()
         out = r.fn(*args)
         return {**(out if isinstance(out, dict) else {}), r.drawn: session.serial}
 
