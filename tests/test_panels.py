@@ -421,3 +421,25 @@ def test_a_panel_off_screen_or_already_drawn_is_left_as_it_is_without_an_error()
         state = SessionState(demo)
         out = asyncio.run(demo.postprocess_data(block_fn, block_fn.fn("b", 2, session), state))
         assert out[0] == "drawn" and state[drawn_state._id] == 3
+
+
+def test_the_built_in_models_note_says_how_often_it_follows_the_words_from_its_evaluation(tmp_path):
+    import json
+
+    assert generate.toy_reliability(tmp_path) == ""  # no evaluation: no claim
+    figures = {
+        "generated": {
+            "all_colours_present_other": 1.0,
+            "all_colours_present_unseen_colour_set": 0.25,
+            "shape_correct": 0.915,
+            "position_correct": 0.5,
+            "size_correct": 0.875,
+        },
+        "one_word_changes": {"position_change_followed": 0.4},
+    }
+    (tmp_path / "evaluation.json").write_text(json.dumps(figures))
+    note = generate.toy_reliability(tmp_path)
+    for text in ("colours 100%", "red with yellow 25%", "shapes 92%", "positions 50%", "sizes 88%", "40% of the time"):
+        assert text in note, (text, note)
+    (tmp_path / "evaluation.json").write_text("{")
+    assert generate.toy_reliability(tmp_path) == ""  # unreadable: no claim, no crash

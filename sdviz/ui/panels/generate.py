@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -241,7 +242,30 @@ def model_note(preset) -> str:
     return (
         "**Built-in shapes-world model** — a tiny Stable Diffusion trained here on flat shapes. It knows: "
         f"{words}. Write objects as *a [size] colour shape [position]*, up to three joined by *and*, "
-        "e.g. *a small blue square on the left and a yellow triangle*."
+        "e.g. *a small blue square on the left and a yellow triangle*." + toy_reliability(TOY_MODEL_DIR)
+    )
+
+
+def toy_reliability(folder: Path) -> str:
+    """How often the model draws what the words say, from its evaluation (`evaluation.json` in its folder,
+    written by `python -m sdviz.toy.evaluate --json`); "" if the folder has none."""
+    try:
+        figures = json.loads((folder / "evaluation.json").read_text())
+        g, w = figures["generated"], figures["one_word_changes"]
+        parts = [
+            f"colours {g['all_colours_present_other']:.0%}",
+            f"red with yellow {g['all_colours_present_unseen_colour_set']:.0%}",
+            f"shapes {g['shape_correct']:.0%}",
+            f"positions {g['position_correct']:.0%}",
+            f"sizes {g['size_correct']:.0%}",
+        ]
+        moved = w["position_change_followed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return (
+        f" How often it draws what the words say, on captions it never saw: {', '.join(parts)} "
+        f"(red and yellow were never together in training); the same seed with another position word moves the "
+        f"object {moved:.0%} of the time. The model card (`sdviz/toy/model/README.md`) has the full evaluation."
     )
 
 
