@@ -207,12 +207,16 @@ def sample_scenes(
     return [render(sample_objects(rng, heldout, mix), rng, size) for _ in range(n)]
 
 
-def heldout_captions(n: int = 40, seed: int = 1234) -> list[str]:
-    """`n` distinct held-out captions, the same for the same seed."""
+def sample_captions(n: int, seed: int = 1234, heldout: bool | None = True, mix: Mix = EVALUATION_MIX) -> list[str]:
+    """`n` distinct captions (held-out ones by default), the same for the same seed and mix."""
     rng, out = random.Random(seed), []
     while len(out) < n:
-        objects = sample_objects(rng, heldout=True)
-        caption = caption_of(objects)
+        caption = caption_of(sample_objects(rng, heldout, mix))
         if caption not in out:
             out.append(caption)
     return out
+
+
+def heldout_captions(n: int = 40, seed: int = 1234) -> list[str]:
+    """`n` distinct held-out captions, the same for the same seed."""
+    return sample_captions(n, seed)
