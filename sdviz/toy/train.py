@@ -111,17 +111,28 @@ def build_unet(latent_size: int, channels: tuple[int, ...], text_dim: int, layer
 
 
 class ProbeProcessor:
-    """Cross-attention that keeps its probabilities in `self.probs` ([batch·heads, h·w, 77]) for the loss."""
+    """Cross-attention that keeps its probabilities in `self.probs` ([batch·heads, h·w, 77]) for the loss.
 
-    def __init__(self):
+    With `detach_text`, the kept probabilities are computed from the text vectors detached (the layer's
+    output is not): the attention losses then train the UNet's side only, and the text encoder learns
+    from the noise-prediction loss alone (see the model card: the losses made it drop shape words).
+    """
+
+    def __init__(self, detach_text: bool = False):
         self.probs = None
+        self.detach_text = detach_text
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # [b·heads, hw, d]
         k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))  # [b·heads, 77, d]
         v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        self.probs = attn.get_attention_scores(q, k, None)  # [b·heads, hw, 77]
-        out = attn.batch_to_head_dim(torch.bmm(self.probs, v))
+        probs = attn.get_attention_scores(q, k, None)  # [b·heads, hw, 77]
+        if self.detach_text:
+            k_loss = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states.detach()))
+            self.probs = attn.get_attention_scores(q, k_loss, None)
+        else:
+            self.probs = probs
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -248,7 +259,7 @@ def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkp
     procs = {}
     for name in unet.attn_processors:
         if name.endswith("attn2.processor") and (args.attn_loss > 0 or args.attn_cover > 0):
-            probes[name] = procs[name] = ProbeProcessor()
+            probes[name] = procs[name] = ProbeProcessor(args.attn_detach_text)
         else:
             procs[name] = AttnProcessor2_0()
     unet.set_attn_processor(procs)
@@ -283,7 +294,14 @@ def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkp
         pred = unet(xt, t, encoder_hidden_states=cond).sample
         # min-SNR-5 weights for epsilon prediction: stop easy low-noise steps from dominating.
         w = snr[t].clamp(max=5.0) / snr[t]
-        loss_mse = (w * (pred - noise).pow(2).mean((1, 2, 3))).mean()
+        err = (pred - noise).pow(2).mean(1)  # [b, h, w]
+        if args.object_weight:
+            # Objects (and a latent pixel around them, where their outline is) weigh 1 + object_weight
+            # times the background, which fills ~90 % of a scene: the shape is in those pixels.
+            near = F.max_pool2d(masks[idx].amax(1, keepdim=True), 3, stride=1, padding=1)[:, 0]  # [b, h, w]
+            pix = 1 + args.object_weight * near
+            err = err * pix / pix.mean((1, 2), keepdim=True)
+        loss_mse = (w * err.mean((1, 2))).mean()
         loss = loss_mse
         loss_attn = loss_cover = torch.zeros(())
         if probes:
@@ -386,7 +404,7 @@ def parse_args(argv=None):
         default=None,
         help="start the text encoder and UNet from this pipeline folder instead of from scratch",
     )
-    p.add_argument("--steps", type=int, default=2800, help="UNet + text encoder steps")
+    p.add_argument("--steps", type=int, default=5500, help="UNet + text encoder steps")
     p.add_argument("--batch", type=int, default=32, help="latents per UNet batch")
     p.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder peak learning rate (AdamW)")
     p.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps, then cosine to 10 %%")
@@ -405,11 +423,24 @@ def parse_args(argv=None):
         help="weight of the loss making each object word's map (divided by its peak) fill its mask (0: off)",
     )
     p.add_argument(
+        "--object-weight",
+        type=float,
+        default=0.0,
+        help="extra weight of the noise-prediction loss on object pixels and their outline (0: uniform)",
+    )
+    p.add_argument(
         "--attn-words",
         nargs="+",
         choices=tuple(LOSS_WORDS),
         default=("colour", "shape", "size"),
         help="kinds of words the attention losses pull into their object's mask (default: %(default)s)",
+    )
+    p.add_argument(
+        "--attn-detach-text",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the attention losses train the UNet only, not the text encoder (--no-attn-detach-text: both, "
+        "the previous model's recipe)",
     )
     p.add_argument(
         "--save-every",
@@ -425,7 +456,11 @@ def parse_args(argv=None):
         "its last training state in stage 2",
     )
     p.add_argument(
-        "--channels", type=int, nargs="+", default=(32, 64), help="UNet block widths, one level (halving the grid) each"
+        "--channels",
+        type=int,
+        nargs="+",
+        default=(32, 64, 128),
+        help="UNet block widths, one level (halving the grid) each",
     )
     p.add_argument("--layers-per-block", type=int, default=1, help="UNet ResNet+attention layers per down block")
     p.add_argument("--text-dim", type=int, default=64, help="text encoder width = cross-attention width")
