@@ -404,7 +404,7 @@ def parse_args(argv=None):
         default=None,
         help="start the text encoder and UNet from this pipeline folder instead of from scratch",
     )
-    p.add_argument("--steps", type=int, default=5500, help="UNet + text encoder steps")
+    p.add_argument("--steps", type=int, default=4500, help="UNet + text encoder steps")
     p.add_argument("--batch", type=int, default=32, help="latents per UNet batch")
     p.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder peak learning rate (AdamW)")
     p.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps, then cosine to 10 %%")
