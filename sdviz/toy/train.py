@@ -111,28 +111,21 @@ def build_unet(latent_size: int, channels: tuple[int, ...], text_dim: int, layer
 
 
 class ProbeProcessor:
-    """Cross-attention that keeps its probabilities in `self.probs` ([batch·heads, h·w, 77]) for the loss.
+    """Cross-attention that keeps its probabilities for the attention losses: `self.probs` and, computed
+    from the text vectors detached, `self.probs_detached` (both [batch·heads, h·w, 77]; the same values,
+    but the second passes no gradient to the text encoder). The layer's output uses the first."""
 
-    With `detach_text`, the kept probabilities are computed from the text vectors detached (the layer's
-    output is not): the attention losses then train the UNet's side only, and the text encoder learns
-    from the noise-prediction loss alone (see the model card: the losses made it drop shape words).
-    """
-
-    def __init__(self, detach_text: bool = False):
-        self.probs = None
-        self.detach_text = detach_text
+    def __init__(self):
+        self.probs = self.probs_detached = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # [b·heads, hw, d]
         k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))  # [b·heads, 77, d]
         v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        probs = attn.get_attention_scores(q, k, None)  # [b·heads, hw, 77]
-        if self.detach_text:
-            k_loss = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states.detach()))
-            self.probs = attn.get_attention_scores(q, k_loss, None)
-        else:
-            self.probs = probs
-        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        self.probs = attn.get_attention_scores(q, k, None)  # [b·heads, hw, 77]
+        k_detached = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states.detach()))
+        self.probs_detached = attn.get_attention_scores(q, k_detached, None)
+        out = attn.batch_to_head_dim(torch.bmm(self.probs, v))
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -199,30 +192,35 @@ LOSS_WORDS = {
 }
 
 
-def token_targets(scenes, tokenizer, latent_size: int, kinds=("colour", "shape", "size")):
+def token_targets(scenes, tokenizer, latent_size: int, kinds=("colour", "shape", "size"), detached=()):
     """Token ids [N, 77], the object each token names [N, 77] (-1: none, or a word of a kind not in
-    `kinds`) and object masks [N, 3, h, w]."""
+    `kinds`), whether its attention losses leave the text encoder alone [N, 77] (words of the kinds in
+    `detached`) and object masks [N, 3, h, w]."""
     ids = tokenizer(
         [s.caption for s in scenes], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
     ).input_ids
     owner = torch.full((len(scenes), 77), -1, dtype=torch.long)
     masks = torch.zeros(len(scenes), 3, latent_size, latent_size)
+    detach = torch.zeros(len(scenes), 77, dtype=torch.bool)
     naming = {w for kind in kinds for w in LOSS_WORDS[kind]}
+    untied = {w for kind in detached for w in LOSS_WORDS[kind]}
     for i, s in enumerate(scenes):
         for w, (word, obj) in enumerate(zip(s.caption.split(), world.word_objects(s.caption))):
             if word in naming:
                 owner[i, w + 1] = obj  # +1: <|startoftext|> comes first, then one token per word
+                detach[i, w + 1] = word in untied
         m = torch.from_numpy(s.masks).float()[:, None]  # [n, 1, H, W]
         masks[i, : len(s.masks)] = F.adaptive_avg_pool2d(m, latent_size)[:, 0]
-    return ids, owner, masks
+    return ids, owner, detach, masks
 
 
-def attention_loss(probes, owner: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_loss(probes, owner: torch.Tensor, detach: torch.Tensor, masks: torch.Tensor):
     """(share, cover) losses of the object words' cross-attention, each averaged over words and layers.
 
     share: (1 − share of the word's attention mass inside its object's mask)² — where the mass goes.
     cover: 1 − soft Dice between the word's map divided by its maximum and the mask — whether the map
     fills the object rather than peaking on one latent pixel of it (the maps' shape, which mIoU scores).
+    Tokens where `detach` [b, 77] is set are scored on maps that pass no gradient to the text encoder.
     """
     b = owner.shape[0]
     valid = owner >= 0  # [b, 77]
@@ -232,7 +230,12 @@ def attention_loss(probes, owner: torch.Tensor, masks: torch.Tensor) -> tuple[to
     tok_masks = torch.gather(masks, 1, owner.clamp(min=0)[:, :, None, None].expand(-1, -1, *masks.shape[2:]))
     shares, covers = [], []
     for p in probes:
-        probs = p.probs.view(b, -1, *p.probs.shape[1:]).mean(1)  # [b, hw, 77]
+        probs = torch.where(
+            detach[:, None, None],
+            p.probs_detached.view(b, -1, *p.probs.shape[1:]),
+            p.probs.view(b, -1, *p.probs.shape[1:]),
+        )
+        probs = probs.mean(1)  # [b, hw, 77]: the head mean
         res = int(math.isqrt(probs.shape[1]))
         m = F.adaptive_avg_pool2d(tok_masks, res).flatten(2).transpose(1, 2)  # [b, hw, 77]
         share = (probs * m).sum(1) / probs.sum(1).clamp(min=1e-8)  # [b, 77]
@@ -243,7 +246,7 @@ def attention_loss(probes, owner: torch.Tensor, masks: torch.Tensor) -> tuple[to
     return torch.stack(shares).mean(), torch.stack(covers).mean()
 
 
-def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkpoint=None, resume=None):
+def train_unet(unet, text_encoder, latents, ids, owner, detach, masks, args, log, checkpoint=None, resume=None):
     """Returns EMA copies of (unet, text_encoder).
 
     Every `args.save_every` steps `checkpoint(step, ema_unet, ema_text, state)` gets EMA copies and the
@@ -259,7 +262,7 @@ def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkp
     procs = {}
     for name in unet.attn_processors:
         if name.endswith("attn2.processor") and (args.attn_loss > 0 or args.attn_cover > 0):
-            probes[name] = procs[name] = ProbeProcessor(args.attn_detach_text)
+            probes[name] = procs[name] = ProbeProcessor()
         else:
             procs[name] = AttnProcessor2_0()
     unet.set_attn_processor(procs)
@@ -305,7 +308,7 @@ def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkp
         loss = loss_mse
         loss_attn = loss_cover = torch.zeros(())
         if probes:
-            loss_attn, loss_cover = attention_loss(list(probes.values()), own, masks[idx])
+            loss_attn, loss_cover = attention_loss(list(probes.values()), own, detach[idx], masks[idx])
             loss = loss + args.attn_loss * loss_attn + args.attn_cover * loss_cover
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -437,10 +440,13 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--attn-detach-text",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the attention losses train the UNet only, not the text encoder (--no-attn-detach-text: both, "
-        "the previous model's recipe)",
+        nargs="*",
+        choices=tuple(LOSS_WORDS),
+        default=("shape",),
+        metavar="KIND",
+        help="kinds of words whose attention losses train the UNet only, not the text encoder (default: "
+        "%(default)s; the model card: through the text encoder they made it drop the shape words; give "
+        "none for the previous model's recipe)",
     )
     p.add_argument(
         "--save-every",
@@ -482,7 +488,8 @@ def parse_args(argv=None):
     if args.quick:
         args.scenes, args.vae_steps, args.vae_full_steps, args.steps, args.vae_batch, args.batch = 64, 3, 1, 3, 4, 4
         args.channels, args.warmup = (16, 32), 2
-    args.channels, args.counts, args.attn_words = tuple(args.channels), tuple(args.counts), tuple(args.attn_words)
+    args.channels, args.counts = tuple(args.channels), tuple(args.counts)
+    args.attn_words, args.attn_detach_text = tuple(args.attn_words), tuple(args.attn_detach_text)
     return args
 
 
@@ -585,7 +592,9 @@ def main(argv=None) -> None:
     else:
         text_encoder = build_text_encoder(tokenizer, args.text_dim, args.text_layers)
         unet = build_unet(latents.shape[-1], args.channels, args.text_dim, args.layers_per_block)
-    ids, owner, masks = token_targets(scenes, tokenizer, latents.shape[-1], args.attn_words)
+    ids, owner, detach, masks = token_targets(
+        scenes, tokenizer, latents.shape[-1], args.attn_words, args.attn_detach_text
+    )
 
     def checkpoint(step, unet_copy, text_copy, train_state):
         save(ckpt_dir / f"step-{step}", copy.deepcopy(vae), text_copy, tokenizer, unet_copy)
@@ -597,7 +606,9 @@ def main(argv=None) -> None:
 
     if state is not None:
         print(f"resuming {args.out} at UNet step {state['step']} of {args.steps}")
-    unet, text_encoder = train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkpoint, state)
+    unet, text_encoder = train_unet(
+        unet, text_encoder, latents, ids, owner, detach, masks, args, log, checkpoint, state
+    )
 
     # 5. Save the EMA weights as a diffusers pipeline, with the options and times.
     save(args.out, vae, text_encoder, tokenizer, unet)
