@@ -12,6 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from diffusers import StableDiffusionPipeline  # noqa: E402
+from diffusers.models.attention_processor import Attention  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import sdviz  # noqa: E402
@@ -287,6 +288,22 @@ def test_quick_training_runs_end_to_end_and_saves_a_loadable_pipeline(tmp_path):
     assert (tmp_path / "train_summary.json").exists()
     steps = [r["step"] for r in map(json.loads, (tmp_path / "train_log.jsonl").read_text().splitlines()) if "step" in r]
     assert steps == [0, 2, 0, 2]  # VAE steps 0 and 2, then UNet steps 0 and 2
+
+
+@pytest.mark.parametrize("detached", [False, True])
+def test_attention_losses_of_detached_words_train_the_unet_but_not_the_text_encoder(detached):
+    attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8)
+    probe = train.ProbeProcessor()
+    text = torch.randn(1, 77, 8, requires_grad=True)  # the text encoder's output
+    probe(attn, torch.randn(1, 16, 16), text)  # a 4×4 grid of 16 channels
+    owner = torch.full((1, 77), -1)
+    owner[0, 2] = 0  # token 2 names object 0
+    masks = torch.zeros(1, 3, 4, 4)
+    masks[0, 0, :2, :2] = 1
+    share, cover = train.attention_loss([probe], owner, torch.full((1, 77), detached), masks)
+    (share + cover).backward()
+    assert share > 0 and attn.to_q.weight.grad.abs().sum() > 0
+    assert (text.grad.abs().sum() > 0) != detached
 
 
 def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
