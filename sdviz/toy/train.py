@@ -192,10 +192,22 @@ LOSS_WORDS = {
 }
 
 
-def token_targets(scenes, tokenizer, latent_size: int, kinds=("colour", "shape", "size"), detached=()):
-    """Token ids [N, 77], the object each token names [N, 77] (-1: none, or a word of a kind not in
-    `kinds`), whether its attention losses leave the text encoder alone [N, 77] (words of the kinds in
-    `detached`) and object masks [N, 3, h, w]."""
+def region_masks(size: int) -> torch.Tensor:
+    """The half of the image each position names, in world.POSITIONS order: [4, size, size] of 0/1."""
+    half = torch.arange(size) < size / 2  # [size]
+    left = half[None, :].expand(size, size)
+    top = half[:, None].expand(size, size)
+    return torch.stack([left, ~left, top, ~top]).float()
+
+
+def token_targets(
+    scenes, tokenizer, latent_size: int, kinds=("colour", "shape", "size"), detached=(), position_target="region"
+):
+    """Token ids [N, 77]; the target each token's map is pulled to [N, 77]: the index of its object's mask,
+    or for a position word with `position_target` "region" 3 + the index of the half of the image it names
+    (see `attention_targets`), -1 for none or a word of a kind not in `kinds`; whether its attention
+    losses leave the text encoder alone [N, 77] (words of the kinds in `detached`); object masks
+    [N, 3, h, w]."""
     ids = tokenizer(
         [s.caption for s in scenes], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
     ).input_ids
@@ -207,11 +219,20 @@ def token_targets(scenes, tokenizer, latent_size: int, kinds=("colour", "shape",
     for i, s in enumerate(scenes):
         for w, (word, obj) in enumerate(zip(s.caption.split(), world.word_objects(s.caption))):
             if word in naming:
-                owner[i, w + 1] = obj  # +1: <|startoftext|> comes first, then one token per word
+                # +1: <|startoftext|> comes first, then one token per word
+                owner[i, w + 1] = obj
+                if word in LOSS_WORDS["position"] and position_target == "region":
+                    owner[i, w + 1] = 3 + LOSS_WORDS["position"].index(word)
                 detach[i, w + 1] = word in untied
         m = torch.from_numpy(s.masks).float()[:, None]  # [n, 1, H, W]
         masks[i, : len(s.masks)] = F.adaptive_avg_pool2d(m, latent_size)[:, 0]
     return ids, owner, detach, masks
+
+
+def attention_targets(object_masks: torch.Tensor) -> torch.Tensor:
+    """[b, 3, h, w] object masks → [b, 7, h, w]: then the four halves of the image (region_masks)."""
+    regions = region_masks(object_masks.shape[-1]).to(object_masks)
+    return torch.cat([object_masks, regions[None].expand(len(object_masks), -1, -1, -1)], 1)
 
 
 def attention_loss(probes, owner: torch.Tensor, detach: torch.Tensor, masks: torch.Tensor):
@@ -308,7 +329,8 @@ def train_unet(unet, text_encoder, latents, ids, owner, detach, masks, args, log
         loss = loss_mse
         loss_attn = loss_cover = torch.zeros(())
         if probes:
-            loss_attn, loss_cover = attention_loss(list(probes.values()), own, detach[idx], masks[idx])
+            targets = attention_targets(masks[idx])
+            loss_attn, loss_cover = attention_loss(list(probes.values()), own, detach[idx], targets)
             loss = loss + args.attn_loss * loss_attn + args.attn_cover * loss_cover
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -435,14 +457,22 @@ def parse_args(argv=None):
         "--attn-words",
         nargs="+",
         choices=tuple(LOSS_WORDS),
-        default=("colour", "shape", "size"),
-        help="kinds of words the attention losses pull into their object's mask (default: %(default)s)",
+        default=("colour", "shape", "size", "position"),
+        help="kinds of words the attention losses pull into their target: their object's mask, for position "
+        "words see --position-target (default: %(default)s)",
+    )
+    p.add_argument(
+        "--position-target",
+        choices=("region", "object"),
+        default="region",
+        help="what a position word's map is pulled to: the half of the image it names, or its object's mask "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--attn-detach-text",
         nargs="*",
         choices=tuple(LOSS_WORDS),
-        default=("shape",),
+        default=("shape", "position"),
         metavar="KIND",
         help="kinds of words whose attention losses train the UNet only, not the text encoder (default: "
         "%(default)s; the model card: through the text encoder they made it drop the shape words; give "
@@ -593,7 +623,7 @@ def main(argv=None) -> None:
         text_encoder = build_text_encoder(tokenizer, args.text_dim, args.text_layers)
         unet = build_unet(latents.shape[-1], args.channels, args.text_dim, args.layers_per_block)
     ids, owner, detach, masks = token_targets(
-        scenes, tokenizer, latents.shape[-1], args.attn_words, args.attn_detach_text
+        scenes, tokenizer, latents.shape[-1], args.attn_words, args.attn_detach_text, args.position_target
     )
 
     def checkpoint(step, unet_copy, text_copy, train_state):
