@@ -290,6 +290,28 @@ def test_quick_training_runs_end_to_end_and_saves_a_loadable_pipeline(tmp_path):
     assert steps == [0, 2, 0, 2]  # VAE steps 0 and 2, then UNet steps 0 and 2
 
 
+def test_attention_loss_targets_objects_for_object_words_and_named_halves_for_position_words():
+    scenes = world.sample_scenes(30, seed=3)
+    kinds, untied = ("colour", "shape", "size", "position"), ("shape", "position")
+    _, owner, detach, masks = train.token_targets(scenes, train.world_tokenizer(), 16, kinds, untied)
+    targets = train.attention_targets(masks)  # [N, 7, 16, 16]
+    checked = 0
+    for i, scene in enumerate(scenes):
+        for w, (word, obj) in enumerate(zip(scene.caption.split(), world.word_objects(scene.caption))):
+            target = int(owner[i, w + 1])  # +1: <|startoftext|>
+            if word in ("a", "and", "on", "the", "at"):
+                assert target == -1
+            elif word in ("left", "right", "top", "bottom"):
+                region, mask = targets[i, target], masks[i, obj]
+                # A large triangle "at the top" can reach below the middle with its wide base: ≥ 60 % inside.
+                assert region.sum() == 128 and (region * mask).sum() > 0.6 * mask.sum(), scene.caption
+                assert detach[i, w + 1]
+                checked += 1
+            else:
+                assert target == obj and bool(detach[i, w + 1]) == (word in world.SHAPES)
+    assert checked >= 10
+
+
 @pytest.mark.parametrize("detached", [False, True])
 def test_attention_losses_of_detached_words_train_the_unet_but_not_the_text_encoder(detached):
     attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8)
