@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import loading, report
+from . import loading, preview, report
 from . import settings as check
+from .batch import Index, Processes, job_key
 from .generate import Settings, generate
 from .loading import PRESETS, load_pipeline, pick_device
 from .random_models import FAMILIES, build_random_pipeline
@@ -30,6 +31,7 @@ examples:
   python -m sdviz "a red circle" --steps 30 --guidance 3 --seed 7 --words red,circle --out red-circle
   python -m sdviz "an astronaut riding a horse" --model sd15 --size 512 --scheduler "DPM++ 2M" --out astro
   python -m sdviz --prompts prompts.txt --out batch          # one folder per prompt: batch/01-a-red-circle/ …
+  accelerate launch -m sdviz --prompts prompts.txt --out batch   # the same, the prompts shared among processes
   python -m sdviz "a cat" --model random-sd1 --size 64 --steps 3 --out /tmp/smoke   # quick test, random weights
 
 prompts file (--prompts): one prompt per line; blank lines and lines starting with # are skipped. A line may
@@ -47,8 +49,19 @@ written for each prompt (into DIR, or DIR/NN-<prompt>/ in a batch):
   latent-channels.png          every latent channel in grey
   schedule.png                 timestep, sigma and alpha-bar at each step
   attention-over-time.png      each word's share of attention at each step
+  step-anatomy.png             one step taken apart: x_t, the U-Net's two predictions, guidance, x0, the next
+                               latent (--anatomy-step; default the middle step)
+  guidance.png                 how much the prompt changes the predicted noise at each step (guidance runs)
+  text-embedding.png           the prompt's 77 token vectors as an image
   trace.safetensors            everything recorded (load with sdviz.TraceResult.load)
   report.html                  one self-contained page with all of the above, explained; opens offline
+
+a batch also writes DIR/index.jsonl, one JSON line per prompt written: prompt, settings, seed, model, the rank
+that made it, the paths written and each word's peak and mass; running the same command again skips the prompts
+already in it. Under `accelerate launch` each process takes its share of the prompts.
+
+forward diffusion and the training loss on an image of your own (python -m sdviz noise --help):
+  python -m sdviz noise photo.png --prompt "a red circle" --timestep 500 --out noised
 
 exit status: 0 when every prompt was written, 1 when some failed (listed at the end), 2 for a usage or model
 error, 130 when interrupted.
@@ -145,12 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw only these words' heatmaps (comma-separated, or repeat the option); in a batch, "
         "each prompt draws those it contains (default: every word)",
     )
+    parser.add_argument(
+        "--anatomy-step",
+        type=int,
+        metavar="N",
+        help="the step (1-based) whose anatomy step-anatomy.png and the report show (default: the middle step)",
+    )
     parser.add_argument("--device", metavar="NAME", help="cuda, mps or cpu (default: the best available)")
     parser.add_argument(
         "--dtype",
         choices=("float32", "float16", "bfloat16"),
         help="weights' precision (default: float16 on GPUs; float32 on CPU, or bfloat16 for large "
         "models on CPUs with AMX)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch (default: 1 for small models such as the built-in one, every core for large "
+        "ones; also SDVIZ_THREADS). One thread is fastest on a shared CPU",
     )
     return parser
 
@@ -315,22 +341,42 @@ def present_words(run, wanted: list[str] | None) -> list[str] | None:
     return found
 
 
-def write_outputs(out: Path, run, image, settings, model: str, words, extra: dict) -> list[Path]:
-    """Every file of one prompt's handout, in `out`."""
+def write_outputs(
+    out: Path, run, image, settings, model: str, words, extra: dict, previewer=None, anatomy_step=None
+) -> list[Path]:
+    """Every file of one prompt's handout, in `out` (step pictures drawn by `previewer`; `anatomy_step`:
+    1-based, None for the middle step)."""
     out.mkdir(parents=True, exist_ok=True)
-    pictures = report.handout_images(run, image, words)
+    if anatomy_step is not None and not 1 <= anatomy_step <= run.num_steps:
+        raise ValueError(f"--anatomy-step {anatomy_step}: this run has steps 1–{run.num_steps}")
+    step = None if anatomy_step is None else anatomy_step - 1
+    pictures = report.handout_images(run, image, words, previewer=previewer, anatomy_step=step)
     written = []
     for name, picture in pictures.items():
         picture.save(out / name)
         written.append(out / name)
     written.append(run.save(out / "trace.safetensors"))
     info = dataclasses.asdict(settings) | {"model": model}
-    written.append(report.write_report(out / "report.html", run, image, info, extra, words, pictures))
+    written.append(report.write_report(out / "report.html", run, image, info, extra, words, pictures, previewer, step))
     return written
 
 
-def run_job(pipe, job: Job, base, model: str, wanted, device_label: str, nested: bool) -> list[Path]:
-    """Generate one prompt (a step progress bar below the prompts bar when `nested`) and write its handout."""
+def run_job(
+    pipe,
+    job: Job,
+    base,
+    model: str,
+    wanted,
+    device_label: str,
+    nested: bool,
+    previewer=None,
+    index=None,
+    processes=None,
+    anatomy_step=None,
+) -> list[Path]:
+    """Generate one prompt (a step progress bar below the prompts bar when `nested`) and write its handout
+    (step pictures drawn by `previewer`, the anatomy of `anatomy_step`); in a batch, add its record to the
+    `index` (sdviz.batch)."""
     settings = job_settings(base, job)
     bar = tqdm(total=settings.steps, desc="steps", unit="step", leave=False, position=int(nested))
 
@@ -350,7 +396,36 @@ def run_job(pipe, job: Job, base, model: str, wanted, device_label: str, nested:
         "Generation time": f"{seconds:.1f} s",
         "Reproduce with": reproduce(settings, model),
     }
-    return write_outputs(job.out, run, image, settings, model, words, extra)
+    written = write_outputs(job.out, run, image, settings, model, words, extra, previewer, anatomy_step)
+    if index is not None:
+        index.add(
+            index.record(
+                key=job_key(settings, model),
+                number=job.number,
+                line=job.line,
+                settings=settings,
+                model=model,
+                processes=processes,
+                paths=written,
+                run=run,
+                seconds=seconds,
+            )
+        )
+    return written
+
+
+def _pending(jobs: list[Job], base, model: str, index: Index) -> list[Job]:
+    """The jobs of a batch not yet in its index (a line whose settings don't parse stays, to fail and be reported)."""
+    done = index.done()
+    todo = []
+    for job in jobs:
+        try:
+            key = job_key(job_settings(base, job), model)
+        except ValueError:
+            key = None
+        if key not in done:
+            todo.append(job)
+    return todo
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
 
     Usage errors exit through argparse (SystemExit with status 2), as `--help` does with 0.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["noise"]:  # `python -m sdviz noise IMAGE …`: forward diffusion of an image (sdviz.noise_cli)
+        from .noise_cli import main as noise_main
+
+        return noise_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if (args.prompt is None) == (args.prompts is None):
@@ -382,17 +462,45 @@ def _run(args, parser) -> int:
         parser.error(str(err))
     wanted = [w.strip() for item in (args.words or []) for w in item.split(",") if w.strip()] or None
     jobs = read_jobs(args)
+    batch = args.prompts is not None
+    # A batch: leave out what the index says is done, then take this process's share (sdviz.batch).
+    processes, index = (Processes.start(), Index(args.out)) if batch else (Processes(), None)
+    if batch:
+        todo = _pending(jobs, base, model, index)
+        processes.wait()  # every rank has read the index before any rank appends to it
+        if len(todo) < len(jobs) and processes.rank == 0:
+            print(f"skipping {len(jobs) - len(todo)} prompt(s) already in {index.path}", file=sys.stderr)
+        jobs = processes.share(todo)
 
-    pipe = open_model(model, args.device, args.dtype)
+    pipe = open_model(model, args.device or processes.device, args.dtype)
+    try:
+        threads = loading.pick_threads(pipe, args.threads)
+    except ValueError as err:
+        parser.error(str(err))
     param = next(pipe.unet.parameters())
     device_label = f"{param.device.type}, {str(param.dtype).replace('torch.', '')}"
-    batch = args.prompts is not None
+    if param.device.type == "cpu":
+        device_label += f", {threads} thread{'s' if threads != 1 else ''}"
+    pictures = preview.previewer(pipe)  # how step pictures are drawn: the VAE when cheap, TAESD, or the linear map
     failures: list[tuple[Job, str]] = []
-    jobs_bar = tqdm(jobs, desc="prompts", unit="prompt", disable=not batch, position=0)
+    jobs_bar = tqdm(jobs, desc="prompts", unit="prompt", disable=not batch or processes.rank > 0, position=0)
     try:
         for job in jobs_bar:
             try:
-                run_job(pipe, job, base, model, wanted, device_label, nested=batch)
+                with loading.cpu_threads(threads):
+                    run_job(
+                        pipe,
+                        job,
+                        base,
+                        model,
+                        wanted,
+                        device_label,
+                        nested=batch,
+                        previewer=pictures,
+                        index=index,
+                        processes=processes,
+                        anatomy_step=args.anatomy_step,
+                    )
             except Exception as err:  # a batch goes on; the failure is reported at the end
                 failures.append((job, f"{type(err).__name__}: {err}"))
                 tqdm.write(f"failed: {_where(job)}: {err}", file=sys.stderr)
@@ -403,7 +511,8 @@ def _run(args, parser) -> int:
     jobs_bar.close()
 
     done = len(jobs) - len(failures)
-    print(f"wrote {done} of {len(jobs)} prompt{'s' if len(jobs) != 1 else ''} to {args.out}", file=sys.stderr)
+    who = f"process {processes.rank} of {processes.count}: " if processes.count > 1 else ""
+    print(f"{who}wrote {done} of {len(jobs)} prompt{'s' if len(jobs) != 1 else ''} to {args.out}", file=sys.stderr)
     if failures:
         print(f"{len(failures)} failed:", file=sys.stderr)
         for job, message in failures:

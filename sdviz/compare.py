@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -161,9 +162,17 @@ def aligned_steps(variants: Sequence[Variant], step: int | None = None) -> list[
     return [int(np.floor(fraction * (v.run.num_steps - 1) + 0.5)) for v in variants]  # halves round up
 
 
-def _step_image(run: TraceResult, step: int, which: str, vae) -> np.ndarray:
-    """uint8 [h, w, 3]: the exact VAE decode when a VAE is given, else the fast linear preview."""
-    return run.decode(step, vae, which) if vae is not None else run.preview(step, which)
+def _step_image(run: TraceResult, step: int, which: str, vae, previewer) -> np.ndarray:
+    """uint8 [h, w, 3]: the exact VAE decode when a VAE is given, else the previewer's picture, else the linear map."""
+    if vae is not None:
+        return run.decode(step, vae, which)
+    return previewer.picture(run, step, which) if previewer is not None else run.preview(step, which)
+
+
+def _step_label(vae, previewer) -> str:
+    if vae is not None:
+        return "exact VAE decode"
+    return previewer.label if previewer is not None else "fast linear preview"
 
 
 def _off(ax):
@@ -179,6 +188,7 @@ def compare_figure(
     step: int | None = None,
     which: str = "x0",
     vae=None,
+    previewer=None,
     **filters,
 ) -> Figure:
     """One column per variant: the final image, the `which` latent at a shared step, and `word`'s heatmap.
@@ -187,7 +197,8 @@ def compare_figure(
     each variant's own `word` (no heatmap row if none has one). The heatmaps share one colour scale
     (lowest to highest value over all of them), so stronger attention reads as warmer in every column.
     step: on the longest run's scale (see `aligned_steps`); None → the last step.
-    vae: decode the step exactly (slower); None → fast linear preview. filters: as for `run.heatmap`.
+    vae: decode the step exactly (slower); else `previewer` (`sdviz.preview.Previewer`) draws it; else the
+    fast linear preview. filters: as for `run.heatmap`.
     """
     if not variants:
         raise ValueError("nothing to compare: run some variants first")
@@ -207,33 +218,31 @@ def compare_figure(
     for c, (v, s, w, m) in enumerate(zip(variants, steps, words, maps)):
         final = fig.add_subplot(rows, cols, c + 1)
         final.imshow(v.image)
-        final.set_title(v.label, fontsize=10)
+        final.set_title(textwrap.fill(v.label, 22), fontsize=11)  # a prompt wraps instead of running into the next
         mid = fig.add_subplot(rows, cols, cols + c + 1)
-        mid.imshow(Image.fromarray(_step_image(v.run, s, which, vae)).resize(v.image.size, Image.BILINEAR))
-        mid.set_xlabel(f"step {s + 1}/{v.run.num_steps}", fontsize=8)
+        mid.imshow(Image.fromarray(_step_image(v.run, s, which, vae, previewer)).resize(v.image.size, Image.BILINEAR))
+        mid.set_xlabel(f"step {s + 1}/{v.run.num_steps}", fontsize=10)
         panels = [final, mid]
         if rows == 3:
             heat = fig.add_subplot(rows, cols, 2 * cols + c + 1)
             panels.append(heat)
             if m is None:
-                heat.text(0.5, 0.5, "no changed word", ha="center", va="center", fontsize=8, color="grey")
+                heat.text(0.5, 0.5, "no changed word", ha="center", va="center", fontsize=10, color="grey")
             else:
                 heat.imshow(render.overlay(v.image, np.clip((m - lo) / span, 0, 1), normalize=False))
-                heat.set_xlabel(f"“{w}”  peak {m.max():.3g}", fontsize=8)
+                heat.set_xlabel(f"“{w}”  peak {m.max():.3g}", fontsize=10)
         for ax in panels:
             _off(ax)
         if c == 0:
-            final.set_ylabel("final image", fontsize=9)
-            mid.set_ylabel(
-                f"{which} at shared step\n({'VAE decode' if vae is not None else 'fast preview'})", fontsize=9
-            )
+            final.set_ylabel("final image", fontsize=10)
+            mid.set_ylabel(f"{which} at shared step\n({_step_label(vae, previewer)})", fontsize=10)
             if rows == 3:
-                panels[2].set_ylabel("heatmap (shared scale)", fontsize=9)
+                panels[2].set_ylabel("heatmap (shared scale)", fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def strip_figure(variants: Sequence[Variant], count: int = 6, which: str = "x0", vae=None) -> Figure:
+def strip_figure(variants: Sequence[Variant], count: int = 6, which: str = "x0", vae=None, previewer=None) -> Figure:
     """One row per variant: its `which` latent at `count` points of denoising shared by all rows."""
     if not variants:
         raise ValueError("nothing to compare: run some variants first")
@@ -243,10 +252,10 @@ def strip_figure(variants: Sequence[Variant], count: int = 6, which: str = "x0",
     for c, point in enumerate(points):
         for r, (v, s) in enumerate(zip(variants, aligned_steps(variants, point))):
             ax = fig.add_subplot(len(variants), len(points), r * len(points) + c + 1)
-            ax.imshow(_step_image(v.run, s, which, vae))
-            ax.set_xlabel(f"step {s + 1}/{v.run.num_steps}", fontsize=7)
+            ax.imshow(_step_image(v.run, s, which, vae, previewer))
+            ax.set_xlabel(f"step {s + 1}/{v.run.num_steps}", fontsize=9)
             _off(ax)
             if c == 0:
-                ax.set_ylabel(v.label, fontsize=8)
+                ax.set_ylabel(textwrap.fill(v.label, 18), fontsize=9)
     fig.tight_layout()
     return fig

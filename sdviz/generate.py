@@ -47,8 +47,18 @@ def use_scheduler(pipe, name: str | None):
         pipe.scheduler = original
 
 
-def generate(pipe, settings: Settings, on_step=None, negative: bool = True, per_head: bool = False):
+def generate(
+    pipe,
+    settings: Settings,
+    on_step=None,
+    negative: bool = True,
+    per_head: bool = False,
+    keep_queries: bool = False,
+    self_attention: bool = False,
+):
     """Run `settings` on `pipe` under `sdviz.trace`. Returns (PIL image, TraceResult).
+
+    `keep_queries` and `self_attention` turn on those trace options at their defaults (see `sdviz.trace`).
 
     on_step(step_index, total_steps, x0) is called after every scheduler step with that step's
     predicted clean latent x0 ([1, C, h, w], what live previews show); raise `Cancelled` from it
@@ -67,6 +77,8 @@ def generate(pipe, settings: Settings, on_step=None, negative: bool = True, per_
             pipe,
             negative=negative,
             per_head=per_head,
+            keep_queries=keep_queries,
+            self_attention=self_attention,
             prompt=settings.prompt,
             negative_prompt=settings.negative_prompt or None,
         )

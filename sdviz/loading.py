@@ -6,6 +6,7 @@ diffusers folder. safetensors only, never remote code. Offline and not cached fa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "toy": Preset(str(TOY_MODEL_DIR), "Built-in shapes-world model (offline, 64×64)", 20, 4.0, 64, "DDIM"),
+    "toy": Preset(str(TOY_MODEL_DIR), "Built-in shapes model (offline, 64×64)", 20, 4.0, 64, "DDIM"),
     "sd15": Preset("stable-diffusion-v1-5/stable-diffusion-v1-5", "Stable Diffusion 1.5", 25, 7.5, 512, "DPM++ 2M"),
     "sd21-base": Preset(
         "stabilityai/stable-diffusion-2-1-base", "Stable Diffusion 2.1 base (512)", 25, 7.5, 512, "DPM++ 2M"
@@ -68,7 +69,43 @@ def pick_dtype(device: torch.device, large: bool = True) -> torch.dtype:
     return torch.bfloat16 if (amx and large) else torch.float32
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+SMALL_UNET = 50_000_000  # parameters: below this, one CPU thread is faster than two whenever the CPU is shared
+THREADS_ENV = "SDVIZ_THREADS"
+
+
+def pick_threads(pipe=None, requested: int | None = None) -> int:
+    """How many CPU threads torch should use for `pipe`: `requested`, else $SDVIZ_THREADS, else one thread
+    for a small model (the built-in one) and every core the process may use for a large one.
+
+    Why (README, "Threads"): a tiny model's operations are so short that two OpenMP threads spend their
+    time waiting for each other, and with another busy process on the machine (a Space's own web
+    server, a second user, a training job) two threads ran 5–17× slower than one; a large model's
+    matrix products keep both cores busy and gain from the second one.
+    """
+    if requested is None and os.environ.get(THREADS_ENV):
+        requested = int(os.environ[THREADS_ENV])
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"the number of CPU threads must be 1 or more; got {requested}")
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    unet = getattr(pipe, "unet", None)
+    small = unet is not None and sum(p.numel() for p in unet.parameters()) < SMALL_UNET
+    return 1 if small else cores
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int):
+    """Run the block with torch using `count` CPU threads, and give the previous number back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     url = urlparse(endpoint)
     try:
@@ -153,7 +190,7 @@ def _from_hub(repo_id: str, kwargs: dict):
     except Exception:  # not cached: look online, but never hang on a closed network
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
             raise ModelUnavailableError(_offline_message(repo_id, "HF_HUB_OFFLINE is set")) from None
-        if not _hub_reachable():
+        if not hub_reachable():
             raise ModelUnavailableError(_offline_message(repo_id, "the Hugging Face Hub can't be reached")) from None
         try:
             folder = snapshot_download(repo_id, allow_patterns=["*.json", "*.txt"])
@@ -163,7 +200,7 @@ def _from_hub(repo_id: str, kwargs: dict):
     try:
         return DiffusionPipeline.from_pretrained(repo_id, local_files_only=True, **extra, **kwargs)
     except Exception:
-        if not _hub_reachable():
+        if not hub_reachable():
             raise ModelUnavailableError(
                 _offline_message(repo_id, "its weights are not cached and the Hub can't be reached")
             ) from None

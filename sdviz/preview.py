@@ -1,13 +1,20 @@
-"""Latent → RGB without the VAE: one linear map per VAE, for previews that cost microseconds.
+"""Latent → RGB for previews: one linear map per VAE (microseconds), or a real decoder when cheap.
 
 Stable Diffusion 1.x/2.x and SDXL use published factors (Keturn's least-squares fit for SD's VAE,
 as distributed in ComfyUI's `latent_formats.py`). Any other VAE (the built-in shapes model, test
 models) gets a least-squares fit: encode calibration images, regress RGB on the latent. A model folder
 can ship its own factors in the VAE config (the built-in model does, fitted on its training images).
+`Previewer` picks what the app, the CLI and the report show: the pipeline's own VAE when a decode is
+cheap (the built-in model), else TAESD (`AutoencoderTiny`) when its weights are on this machine, else
+the linear map.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -95,3 +102,89 @@ def latent_to_rgb(latent: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """latent [C, h, w] → uint8 image [h, w, 3] through the linear map."""
     rgb = latent.float().permute(1, 2, 0) @ factors[:-1] + factors[-1]  # [h, w, 3] in ~[-1, 1]
     return ((rgb + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+
+
+# -- previews that match the image ---------------------------------------------------------------------
+EXACT_BUDGET = 1e9  # VAE parameters × latent pixels up to which a decode is cheap (built-in model: 1.7e8, ~10 ms)
+TAESD_IDS = {"sd": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}  # read from the local HF cache only
+TAESD_ENV = "SDVIZ_TAESD"  # or a local AutoencoderTiny folder named here
+
+
+@dataclass
+class Previewer:
+    """How a pipeline's step latents become pictures, as close to the real image as is cheap.
+
+    kind "vae": the pipeline's own VAE (exact; chosen when a decode is cheap, as for the built-in
+    model); "taesd": diffusers' AutoencoderTiny, when its weights are on this machine; "linear": the
+    latent → RGB map of `preview_map` (microseconds, approximate colours). Decodes are cached in
+    the trace (`run.decoded`), so each step is decoded once.
+    """
+
+    kind: str
+    decoder: object | None = None
+
+    @property
+    def label(self) -> str:
+        return {"vae": "exact VAE decode", "taesd": "TAESD (tiny VAE) preview"}.get(self.kind, "fast linear preview")
+
+    def picture(self, run, step: int, which: str = "x0") -> np.ndarray:
+        """uint8 [H, W, 3] (or [h, w, 3] for "linear"): the step's `which` latent as a picture."""
+        if self.kind == "linear":
+            return run.preview(step, which)
+        return run.decode(step, self.decoder, which, cache="" if self.kind == "vae" else "taesd")
+
+    @torch.no_grad()
+    def live(self, latent: torch.Tensor, factors: torch.Tensor | None, scaling: float, shift: float = 0.0):
+        """uint8 [H, W, 3] of a latent [C, h, w] during a run (nothing cached), or None without any way."""
+        if self.kind == "linear":
+            return None if factors is None else latent_to_rgb(latent, factors).numpy()
+        param = next(self.decoder.parameters())
+        config = self.decoder.config
+        scale = config.get("scaling_factor") or scaling
+        z = latent[None].to(param.device, param.dtype) / scale + (config.get("shift_factor") or shift)
+        image = self.decoder.decode(z).sample[0].float().cpu()  # [3, H, W] in [-1, 1]
+        return ((image.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).round().byte().numpy()
+
+
+def exact_is_cheap(pipe, latent_hw: tuple[int, int] | None = None) -> bool:
+    """Whether decoding a step with the pipeline's own VAE is cheap enough for every preview."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        return False
+    if latent_hw is None:
+        side = int(getattr(getattr(pipe, "unet", None), "config", {}).get("sample_size") or 64)
+        latent_hw = (side, side)
+    params = sum(p.numel() for p in vae.parameters())
+    return params * latent_hw[0] * latent_hw[1] <= EXACT_BUDGET
+
+
+def local_taesd(pipe):
+    """An AutoencoderTiny matching the pipeline's latent space, if its weights are on this machine.
+
+    Looks at $SDVIZ_TAESD (a folder), then the Hugging Face cache for madebyollin/taesd (SD 1.x/2.x)
+    or madebyollin/taesdxl (SDXL). Never downloads; None when there is none.
+    """
+    from diffusers import AutoencoderTiny
+
+    unet = getattr(pipe, "unet", None)
+    sdxl = unet is not None and unet.config.get("addition_embed_type") == "text_time"
+    folder = os.environ.get(TAESD_ENV)
+    try:
+        if folder:
+            return AutoencoderTiny.from_pretrained(folder, local_files_only=True)
+        return AutoencoderTiny.from_pretrained(TAESD_IDS["sdxl" if sdxl else "sd"], local_files_only=True)
+    except Exception:  # not on this machine (or unreadable): previews fall back to the linear map
+        return None
+
+
+def previewer(pipe) -> Previewer:
+    """The best cheap previewer for `pipe`: its own VAE when cheap, else a local TAESD, else the linear map."""
+    if exact_is_cheap(pipe):
+        return Previewer("vae", pipe.vae)
+    vae = getattr(pipe, "vae", None)
+    if vae is not None and vae.config.get("latent_channels", 4) == 4:
+        tiny = local_taesd(pipe)
+        if tiny is not None:
+            param = next(vae.parameters())
+            return Previewer("taesd", tiny.to(param.device, param.dtype).eval())
+    return Previewer("linear")

@@ -2,7 +2,8 @@
 
 No weights can be downloaded here, so tests, the benchmark and the app's last-resort fallback build
 each family's real layer layout (blocks, attention heads, cross-attention width, prediction type)
-at full or tiny width, with a small byte-level CLIP tokenizer built in memory.
+at full or tiny width, with a small byte-level CLIP tokenizer built in memory. The add-ons users load
+(an IP-Adapter, a LoRA, a tiny VAE) come as random weights of the real formats, for the same tests.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from functools import lru_cache
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     DDIMScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -253,3 +255,74 @@ def _build_sdxl(tokenizer, full: bool, full_vocab: bool):
         scheduler=scheduler,
         force_zeros_for_empty_prompt=True,
     )
+
+
+# -- add-ons of the real formats, random weights (for the compatibility tests) -------------------------
+def _random_linear(generator: torch.Generator, out_features: int, in_features: int) -> torch.Tensor:
+    return torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+
+
+def random_ip_adapter(unet: UNet2DConditionModel, seed: int = 0, image_embed_dim: int | None = None) -> dict:
+    """An IP-Adapter state dict for `unet` in the format `pipe.load_ip_adapter(state_dict, ...)` reads.
+
+    "image_proj": the plain IP-Adapter's projection of one image embedding (`image_embed_dim`, default
+    the cross-attention width) to 4 image-prompt tokens; "ip_adapter": per cross-attention layer, in
+    the U-Net's order, the extra key/value projections `{n}.to_k_ip.weight` / `{n}.to_v_ip.weight`
+    (n = 1, 3, 5, …: the original checkpoints number attn1 and attn2 together).
+    """
+    g = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    embed = image_embed_dim or cross
+    layers = {}
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        inner = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+        layers[f"{key_id}.to_k_ip.weight"] = _random_linear(g, inner, cross)
+        layers[f"{key_id}.to_v_ip.weight"] = _random_linear(g, inner, cross)
+        key_id += 2
+    image_proj = {
+        "proj.weight": _random_linear(g, 4 * cross, embed),
+        "proj.bias": torch.zeros(4 * cross),
+        "norm.weight": torch.ones(cross),
+        "norm.bias": torch.zeros(cross),
+    }
+    return {"image_proj": image_proj, "ip_adapter": layers}
+
+
+def random_lora(
+    unet: UNet2DConditionModel,
+    rank: int = 4,
+    seed: int = 0,
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+    strength: float = 0.5,
+) -> dict:
+    """A LoRA for every attention layer of `unet`, as `pipe.load_lora_weights(state_dict)` reads it.
+
+    PEFT's format with the pipeline's "unet." prefix: `unet.<module>.lora_A.weight` [rank, in] and
+    `.lora_B.weight` [out, rank]. No alphas are given, so diffusers scales by 1: W' = W + B·A.
+    """
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in unet.named_modules():
+        if not hasattr(module, "to_q"):
+            continue
+        for target in targets:
+            linear = module.get_submodule(target)
+            key = f"unet.{name}.{target}"
+            state[f"{key}.lora_A.weight"] = _random_linear(g, rank, linear.in_features)
+            state[f"{key}.lora_B.weight"] = strength * _random_linear(g, linear.out_features, rank)
+    return state
+
+
+def build_tiny_autoencoder(seed: int = 0) -> AutoencoderTiny:
+    """A TAESD-layout `AutoencoderTiny` (8× down, 4 latent channels) at tiny width: SD's usual VAE swap."""
+    torch.manual_seed(seed)
+    return AutoencoderTiny(
+        encoder_block_out_channels=(16, 16, 16, 16),
+        decoder_block_out_channels=(16, 16, 16, 16),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        latent_channels=4,
+    ).eval()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .attention import LayerInfo
 from .preview import latent_to_rgb
+from .steps import implied_noise, training_target
 from .tokens import Token, Word, from_json, to_json
 
 FORMAT_VERSION = 2  # 2: typed RunInfo; 1 (sdviz 0.1): `info` as a plain dict, still read
@@ -47,6 +49,17 @@ class RunInfo:
     vae_shift_factor: float = 0.0
     latent_rgb: tuple | None = None  # [C + 1][3] the preview's linear latent → RGB map (sdviz.preview)
     preview_source: str = "none"  # where that map came from: "shipped", "published", "fitted", "none"
+    image: int = 0  # which image of the call was recorded (0-based, in the order of the pipeline's `.images`)
+    # How the recorded tokens were named: "text_encoder" (the ids the pipeline's text encoder got),
+    # "prompt" (the `prompt=` text given to sdviz.trace, tokenized: the pipeline got `prompt_embeds`),
+    # "index" (neither: tokens and words are "#0" … "#76"), "none" (nothing recorded, or no negative branch).
+    tokens_from: str = "text_encoder"
+    negative_tokens_from: str = "text_encoder"
+    # Where the cross-attention maps come from: "recorded" (the U-Net's own, during the call) or "queries"
+    # (recomputed for another text from the run's stored queries by `run.attend`).
+    maps_from: str = "recorded"
+    # The Euler family's latents are x0 + σ·ε (the U-Net gets them divided by √(σ² + 1)); others' are √ᾱ·x0 + √(1−ᾱ)·ε.
+    sigma_space: bool = False
 
     @property
     def vae_scale_factor(self) -> int:
@@ -112,6 +125,22 @@ class TraceResult:
     schedule_timesteps / schedule_sigmas  float32 [N]  the whole planned schedule
     info                           RunInfo: model, scheduler, sizes, guidance, VAE scaling, preview map
     decoded                        cache of exact VAE decodes, key "x0/7" → uint8 [H, W, 3]
+
+    Opt-in research records (empty unless traced with the option):
+    queries[layer]                 float16 [S, heads, hw_l, d] each cross-attention layer's queries, conditional
+                                   branch (keep_queries=True; by default the layers at ≤ 16×16): what `attend` reads
+    self_attention[layer]          float16 [S_sa, hw_l, hw_l] head-mean self-attention (attn1) probabilities, row =
+                                   query pixel (self_attention=True), at the steps `self_attention_steps`
+    self_attention_steps           int64 [S_sa] the step indices those maps were recorded at
+    self_layers                    one LayerInfo per recorded self-attention layer
+    Inside each step and the text encoder (empty tensors when not recorded; None in traces saved before):
+    noise_pred_uncond / _text      float32 [S, C, h, w]  the U-Net's two outputs before guidance combined
+                                   them (without, with the prompt); empty when guidance did not run
+    prompt_embeds                  float32 [77, d]  the text vectors the U-Net got for the prompt
+    negative_prompt_embeds         float32 [77, d]  … for the negative prompt (empty without guidance)
+    Forward diffusion of a given image (`sdviz.noise_image`; None for a generation):
+    clean_latent                   float32 [C, h, w]  the image's latent (VAE posterior mean × scaling factor)
+    noise                          float32 [C, h, w]  the noise ε added to it (latents[0] is the noisy x_t)
     """
 
     tokens: list[Token]
@@ -133,11 +162,38 @@ class TraceResult:
     schedule_sigmas: torch.Tensor
     info: RunInfo
     decoded: dict[str, np.ndarray] = field(default_factory=dict)
+    # -- research records (issue 14): opt-in, empty by default --
+    queries: dict[str, torch.Tensor] = field(default_factory=dict)
+    self_attention: dict[str, torch.Tensor] = field(default_factory=dict)
+    self_attention_steps: torch.Tensor | None = None
+    self_layers: list[LayerInfo] = field(default_factory=list)
+    noise_pred_uncond: torch.Tensor | None = None
+    noise_pred_text: torch.Tensor | None = None
+    prompt_embeds: torch.Tensor | None = None
+    negative_prompt_embeds: torch.Tensor | None = None
+    clean_latent: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
 
     # Tensor fields saved as they are, and dicts of tensors saved as "<field>/<key>".
-    TENSORS = ("latents", "model_outputs", "x0", "final_latent", "timesteps", "sigmas", "alpha_bars",
-               "schedule_timesteps", "schedule_sigmas")  # fmt: skip
-    TENSOR_DICTS = ("attention", "attention_negative")
+    TENSORS = (
+        "latents",
+        "model_outputs",
+        "x0",
+        "final_latent",
+        "timesteps",
+        "sigmas",
+        "alpha_bars",
+        "schedule_timesteps",
+        "schedule_sigmas",
+        "self_attention_steps",
+        "noise_pred_uncond",
+        "noise_pred_text",
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "clean_latent",
+        "noise",
+    )
+    TENSOR_DICTS = ("attention", "attention_negative", "queries", "self_attention")
 
     # -- sizes ----------------------------------------------------------------------------------
     @property
@@ -181,9 +237,16 @@ class TraceResult:
         hits = [i for w in words if w.text.lower() == wanted for i in w.tokens]
         if not hits:
             hits = [t.index for t in tokens if t.text.lower() == wanted]
+        if not hits and re.fullmatch(r"#\d+", wanted):  # "#5": the token at position 5, as the app's chips name it
+            return self.token_indices(int(wanted[1:]), negative)
+        which = "negative prompt" if negative else "prompt"
+        if not hits and (self.info.negative_tokens_from if negative else self.info.tokens_from) == "index":
+            raise KeyError(
+                f"{word!r}: the {which}'s text was not seen (the pipeline got embeddings), so its tokens are named "
+                f"by position, '#0'–'#{len(tokens) - 1}'; pass the text to sdviz.trace(pipe, prompt=...) to use words"
+            )
         if not hits:
             listing = ", ".join(repr(w.text) for w in words) or "(none: the prompt was empty)"
-            which = "negative prompt" if negative else "prompt"
             raise KeyError(f"{word!r} is not a word of the {which}; its words are: {listing}")
         return hits
 
@@ -245,8 +308,9 @@ class TraceResult:
             return size, size
         return int(size[0]), int(size[1])
 
-    def layer_maps(self, steps=None, layers=None, blocks=None, resolutions=None, heads=None,
-                   negative: bool = False) -> list[tuple[LayerInfo, torch.Tensor]]:  # fmt: skip
+    def layer_maps(
+        self, steps=None, layers=None, blocks=None, resolutions=None, heads=None, negative: bool = False
+    ) -> list[tuple[LayerInfo, torch.Tensor]]:
         """The selected layers' maps, float32 [s, T, h_l, w_l] each: the chosen steps, heads averaged.
 
         The one place the filters are applied; heatmaps, word shares and region scores all read it.
@@ -267,8 +331,10 @@ class TraceResult:
                     picked = [int(heads)] if isinstance(heads, (int, np.integer)) else [int(h) for h in heads]
                     bad = [h for h in picked if not 0 <= h < m.shape[1]]
                     if bad or not picked:
-                        raise IndexError(f"head {bad[0] if bad else '(none)'} does not exist: this layer has heads "
-                                         f"0–{m.shape[1] - 1}")  # fmt: skip
+                        raise IndexError(
+                            f"head {bad[0] if bad else '(none)'} does not exist: this layer has heads "
+                            f"0–{m.shape[1] - 1}"
+                        )
                     m = m[:, picked]
                 m = m.mean(1)
             elif heads is not None:
@@ -288,6 +354,8 @@ class TraceResult:
         size=None,
         negative: bool = False,
         normalize: bool = False,
+        contrast=None,
+        temperature: float = 1.0,
     ) -> np.ndarray:
         """Where `word` was attended: float32 [H, W] at `size` (None → latent, "image", int or (H, W)).
 
@@ -300,21 +368,33 @@ class TraceResult:
         The values stay attention probabilities (0–1, the share of the pixel's attention the word
         got). `normalize=True` divides by the maximum so the map spans 0–1, for display.
         `heads` picks heads (int or list) when the trace kept them (`per_head=True`).
+
+        `contrast`: which word wins where. A list of words (or True: every word of the prompt) among which
+        each pixel's attention is renormalised, per layer and step, before step 2: the word's share
+        p_w^(1/τ) / Σ_v p_v^(1/τ) over the chosen words v (`word` itself is always among them), with
+        τ = `temperature`. That is a softmax over the chosen words of log p / τ; τ = 1 (the default) is the
+        plain share, and for a single head exactly a softmax of the attention logits over the chosen
+        words' tokens; τ < 1 sharpens it towards the winner. The chosen words' maps then sum to 1 at every pixel.
         """
         chosen = self.layer_maps(steps, layers, blocks, resolutions, heads, negative)
         idx = self.token_indices(word, negative)
+        groups = self.contrast_groups(word, contrast, negative) if contrast else None
         target = self._target_size(size)
         total = torch.zeros(target)
         for _, m in chosen:
-            m = m[:, idx].sum(1).mean(0)  # [h, w]
+            if groups is None:
+                m = m[:, idx].sum(1).mean(0)  # [h, w]
+            else:
+                m = contrast_shares(m, groups, temperature)[:, 0].mean(0)  # [h, w]: `word` is group 0
             total += F.interpolate(m[None, None], size=target, mode="bilinear", align_corners=False)[0, 0]
         out = (total / len(chosen)).numpy().astype(np.float32)
         if normalize and out.max() > 0:
             out = out / out.max()
         return out
 
-    def word_shares(self, steps=None, layers=None, blocks=None, resolutions=None, heads=None,
-                    negative: bool = False) -> np.ndarray:  # fmt: skip
+    def word_shares(
+        self, steps=None, layers=None, blocks=None, resolutions=None, heads=None, negative: bool = False
+    ) -> np.ndarray:
         """Each word's share of the attention given to words, per step: float32 [S, n_words].
 
         Per step: the mean over the selected layers of each word's attention mass averaged over
@@ -351,8 +431,9 @@ class TraceResult:
             raise ValueError("the region is empty: click inside the image or drag a larger box")
         return mask.numpy()
 
-    def region_scores(self, region, steps=None, layers=None, blocks=None, resolutions=None, heads=None,
-                      negative: bool = False) -> dict[str, float]:  # fmt: skip
+    def region_scores(
+        self, region, steps=None, layers=None, blocks=None, resolutions=None, heads=None, negative: bool = False
+    ) -> dict[str, float]:
         """How much attention a region of the image paid to each word: {word: mean probability}.
 
         `region`: see `region_mask`. Each word's score is its latent-size `heatmap` averaged over the
@@ -388,16 +469,131 @@ class TraceResult:
         return latent_to_rgb(self.latent(step, which), torch.tensor(self.info.latent_rgb)).numpy()
 
     @torch.no_grad()
-    def decode(self, step: int, vae, which: str = "x0") -> np.ndarray:
-        """Exact VAE decode of a step's latent: uint8 [H, W, 3]. Cached: a step is decoded once."""
-        key = f"{which}/{self.step_indices(step)[0] if which != 'final' else 'last'}"
+    def decode(self, step: int, vae, which: str = "x0", cache: str = "") -> np.ndarray:
+        """VAE decode of a step's latent: uint8 [H, W, 3]. Cached in `decoded`: a step is decoded once.
+
+        `vae` is the pipeline's own VAE (the exact picture, cached as "x0/7") or a stand-in decoder
+        such as TAESD (`cache="taesd"`, cached as "taesd/x0/7"); each is given latents scaled by its
+        own config's `scaling_factor` and `shift_factor`.
+        """
+        index = self.step_indices(step)[0] if which != "final" else "last"
+        key = f"{cache}/{which}/{index}" if cache else f"{which}/{index}"
         if key not in self.decoded:
             param = next(vae.parameters())
+            config = getattr(vae, "config", {}) or {}
+            scale = config.get("scaling_factor") or self.info.vae_scaling_factor
+            shift = config.get("shift_factor") or (0.0 if cache else self.info.vae_shift_factor)
             z = self.latent(step, which)[None].to(param.device, param.dtype)  # [1, C, h, w]
-            z = z / self.info.vae_scaling_factor + self.info.vae_shift_factor
-            image = vae.decode(z).sample[0].float().cpu()  # [3, H, W] in [-1, 1]
+            image = vae.decode(z / scale + shift).sample[0].float().cpu()  # [3, H, W] in [-1, 1]
             self.decoded[key] = ((image.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).round().byte().numpy()
         return self.decoded[key]
+
+    # -- research: any text after the run, contrast across words, self-attention -----------------
+    def attend(self, pipe, text: str) -> TraceResult:
+        """This run's cross-attention maps recomputed for any `text` from its stored queries, without
+        running the U-Net: a TraceResult whose words are `text`'s (see `sdviz.queries`). Needs a trace
+        made with `keep_queries=True`, and the pipeline that made it (its text encoder and `to_k`)."""
+        from .queries import attend
+
+        return attend(self, pipe, text)
+
+    def contrast_groups(self, word, contrast, negative: bool = False) -> list[list[int]]:
+        """Token positions of `word`, then of each other word of `contrast` (a list, or True: every word)."""
+        words = self.negative_words if negative else self.words
+        others = [w.text for w in words] if contrast is True else list(contrast)
+        groups: list[list[int]] = []
+        for item in [word, *others]:
+            idx = sorted(set(self.token_indices(item, negative)))
+            if idx not in groups:
+                groups.append(idx)
+        if len(groups) < 2:
+            raise ValueError(
+                f"contrast needs at least two different words to share each pixel between; got {[word, *others]}"
+            )
+        return groups
+
+    def self_attention_map(
+        self, point, steps=None, layers=None, resolutions=None, size=None, normalize: bool = False
+    ) -> np.ndarray:
+        """Where the latent pixel under `point` looked: float32 [H, W] at `size` (as for `heatmap`).
+
+        point: (x, y) as fractions 0–1 of the image's width and height. Per recorded self-attention layer,
+        the row of the query pixel under the point (its head-mean attention over every pixel, summing to 1),
+        the mean over the chosen steps (among those recorded), bilinear upsampling, the mean over layers.
+        """
+        if not self.self_attention:
+            raise ValueError(
+                "this trace has no self-attention: trace with sdviz.trace(pipe, self_attention=True) "
+                "(in the app: Advanced → record self-attention) and generate again"
+            )
+        x, y = (float(v) for v in point)
+        if not (0 <= x <= 1 and 0 <= y <= 1):
+            raise ValueError(f"the point must be (x, y) in fractions 0–1 of the image; got {point}")
+        recorded = [int(i) for i in self.self_attention_steps]
+        wanted = set(self.step_indices(steps))
+        pick = [j for j, step in enumerate(recorded) if step in wanted]
+        if not pick:
+            raise ValueError(
+                f"self-attention was recorded at steps {[i + 1 for i in recorded]} (1-based) only: include one of them"
+            )
+        names = None if layers is None else ({layers} if isinstance(layers, str) else set(layers))
+        if isinstance(resolutions, int):
+            resolutions = [resolutions]
+        sides = None if resolutions is None else {int(r) for r in resolutions}
+        chosen = [
+            layer
+            for layer in self.self_layers
+            if (names is None or layer.name in names or layer.short in names)
+            and (sides is None or layer.height in sides)
+        ]
+        if not chosen:
+            available = ", ".join(f"{layer.short}" for layer in self.self_layers)
+            raise ValueError(f"no recorded self-attention layer matches these filters; recorded: {available}")
+        target = self._target_size(size)
+        total = torch.zeros(target)
+        for layer in chosen:
+            r, c = min(int(y * layer.height), layer.height - 1), min(int(x * layer.width), layer.width - 1)
+            row = r * layer.width + c  # the query pixel under the point, in the layer's own grid
+            m = self.self_attention[layer.name][pick, row].float().mean(0).reshape(layer.height, layer.width)
+            total += F.interpolate(m[None, None], size=target, mode="bilinear", align_corners=False)[0, 0]
+        out = (total / len(chosen)).numpy().astype(np.float32)
+        if normalize and out.max() > 0:
+            out = out / out.max()
+        return out
+
+    # -- the text encoder's vectors ------------------------------------------------------------------
+    def token_similarity(self, negative: bool = False) -> np.ndarray:
+        """float32 [T, T]: cosine similarity between the kept tokens' text vectors (`prompt_embeds` rows)."""
+        embeds = self.negative_prompt_embeds if negative else self.prompt_embeds
+        tokens = self.negative_tokens if negative else self.tokens
+        if embeds is None or embeds.numel() == 0 or not tokens:
+            raise ValueError("this trace holds no text vectors for that prompt: generate again to record them")
+        v = F.normalize(embeds[[t.index for t in tokens]].float(), dim=-1)  # [T, d]
+        return (v @ v.T).numpy().astype(np.float32)
+
+    # -- forward diffusion and the training loss (a run made by sdviz.noise_image) -----------------------
+    def _noised(self):
+        if self.clean_latent is None or self.noise is None or self.num_steps != 1:
+            raise ValueError(
+                "this trace is a generation, not a noised image: make one with "
+                "sdviz.noise_image(pipe, image, prompt, timestep)"
+            )
+
+    def training_target(self) -> torch.Tensor:
+        """[C, h, w] what training asks the U-Net to output for latents[0]: ε, v or z (by prediction type)."""
+        self._noised()
+        return training_target(self.info.prediction_type, self.clean_latent, self.noise, float(self.alpha_bars[0]))
+
+    @property
+    def loss(self) -> float:
+        """This example's training loss: the mean squared error between model_outputs[0] and `training_target()`."""
+        return float(((self.model_outputs[0] - self.training_target()) ** 2).mean())
+
+    def predicted_noise(self) -> torch.Tensor:
+        """[C, h, w] the noise ε̂ the U-Net's output stands for (the output itself for an epsilon model)."""
+        self._noised()
+        alpha_bar = float(self.alpha_bars[0])
+        return implied_noise(self.info.prediction_type, self.model_outputs[0], self.latents[0], alpha_bar)
 
     # -- save / load ------------------------------------------------------------------------------
     def save(self, path) -> Path:
@@ -414,6 +610,7 @@ class TraceResult:
             "prompt": to_json(self.tokens, self.words),
             "negative": to_json(self.negative_tokens, self.negative_words),
             "layers": [asdict(layer) for layer in self.layers],
+            "self_layers": [asdict(layer) for layer in self.self_layers],
         }
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"sdviz": json.dumps(header)})
         return path
@@ -438,7 +635,8 @@ class TraceResult:
         tokens, words = from_json(header["prompt"])
         neg_tokens, neg_words = from_json(header["negative"])
         layers = [LayerInfo(**layer) for layer in header["layers"]]
-        order = [layer.name for layer in layers]
+        self_layers = [LayerInfo(**layer) for layer in header.get("self_layers", [])]
+        order = [layer.name for layer in layers] + [layer.name for layer in self_layers]
 
         def prefixed(p: str) -> dict:
             return {k[len(p) :]: v for k, v in t.items() if k.startswith(p)}
@@ -455,4 +653,18 @@ class TraceResult:
             **{name: t.get(name) for name in cls.TENSORS},
             info=RunInfo.from_json(header["info"], version),
             decoded={k: v.numpy() for k, v in prefixed("decoded/").items()},
+            self_layers=self_layers,
         )
+
+
+def contrast_shares(maps: torch.Tensor, groups: list[list[int]], temperature: float = 1.0) -> torch.Tensor:
+    """Each pixel's attention shared among word groups: maps [s, T, h, w], groups of token positions → [s, G, h, w].
+
+    softmax over the groups of log(mass) / temperature, i.e. mass^(1/τ) / Σ mass^(1/τ); sums to 1 over G.
+    """
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(
+            f"the contrast temperature must be a number above 0 (1 = the plain share); got {temperature!r}"
+        )
+    mass = torch.stack([maps[:, g].sum(1) for g in groups], 1)  # [s, G, h, w]
+    return torch.softmax(mass.clamp_min(1e-30).log() / temperature, dim=1)

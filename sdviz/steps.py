@@ -67,3 +67,29 @@ def schedule_of(scheduler) -> tuple[torch.Tensor, torch.Tensor]:
         return timesteps, sigmas[: len(timesteps)].detach().float().cpu()
     alpha_bar = scheduler.alphas_cumprod.float().cpu()[timesteps.round().long()]
     return timesteps, ((1 - alpha_bar) / alpha_bar).sqrt()
+
+
+# -- training: what the U-Net is asked to output -------------------------------------------------------
+def training_target(prediction_type: str, clean: torch.Tensor, noise: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+    """What training asks the U-Net to output for x_t = √ᾱ·z + √(1−ᾱ)·ε (same shape as `noise`, e.g. [C, h, w]):
+    ε ("epsilon"), v = √ᾱ·ε − √(1−ᾱ)·z ("v_prediction"), or z itself ("sample")."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return alpha_bar**0.5 * noise - (1 - alpha_bar) ** 0.5 * clean
+    if prediction_type == "sample":
+        return clean
+    raise ValueError(f"sdviz doesn't know the training target of prediction_type={prediction_type!r}")
+
+
+def implied_noise(prediction_type: str, output: torch.Tensor, x_t: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+    """The noise ε̂ a U-Net output stands for, for x_t = √ᾱ·z + √(1−ᾱ)·ε (not the Euler family's σ-space latents):
+    the output itself (epsilon), √ᾱ·v + √(1−ᾱ)·x_t (v_prediction), or (x_t − √ᾱ·z)/√(1−ᾱ) (sample)."""
+    a, s = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return a * output + s * x_t
+    if prediction_type == "sample":
+        return (x_t - a * output) / max(s, 1e-8)
+    raise ValueError(f"sdviz doesn't know what prediction_type={prediction_type!r} predicts")

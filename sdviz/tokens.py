@@ -1,7 +1,9 @@
 """Prompt → tokens → words: what the text encoder saw, grouped back into the words people typed.
 
 CLIP's BPE marks the last piece of every word with `</w>`, so a word is a run of tokens ending in
-one; `<|startoftext|>` and `<|endoftext|>` are special and belong to no word.
+one; `<|startoftext|>` and `<|endoftext|>` are special and belong to no word. A token added to the
+tokenizer (textual inversion: "<cat-toy>", and "<cat-toy>_1" … for its further vectors) is a word
+of its own. When only embeddings were given (`prompt_embeds`), tokens are named by position.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def tokens_from_ids(tokenizer, ids) -> tuple[list[Token], list[Word]]:
     ids = [int(i) for i in ids]
     special_ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     pieces = tokenizer.convert_ids_to_tokens(ids)
+    added = set(tokenizer.get_added_vocab()) - set(tokenizer.all_special_tokens)
     tokens: list[Token] = []
     words: list[Word] = []
     current: list[int] = []
@@ -55,12 +58,36 @@ def tokens_from_ids(tokenizer, ids) -> tuple[list[Token], list[Word]]:
             if pos > 0 and tid == tokenizer.eos_token_id:
                 break
             continue
+        if piece in added:
+            close_word()
+            # textual inversion writes a multi-vector token as "<t> <t>_1 <t>_2": one word, "<t>"
+            previous = words[-1] if words and pos > 0 and words[-1].tokens[-1] == pos - 1 else None
+            if previous is not None and _continues(piece, previous.text):
+                words[-1] = Word(previous.index, previous.text, (*previous.tokens, pos))
+                tokens.append(Token(pos, piece, previous.index, False))
+                continue
+            current.append(pos)
+            tokens.append(Token(pos, piece, len(words), False))
+            close_word()
+            continue
         current.append(pos)
         tokens.append(Token(pos, _text(tokenizer, [tid], piece), len(words), False))
         if piece.endswith("</w>"):
             close_word()
     close_word()
     return tokens, words
+
+
+def _continues(piece: str, word: str) -> bool:
+    """Whether added token `piece` is a further vector of added word `word` ("<t>_2" of "<t>")."""
+    head, _, number = piece.rpartition("_")
+    return head == word and number.isdigit()
+
+
+def tokens_by_index(count: int) -> tuple[list[Token], list[Word]]:
+    """`count` tokens named by position ("#0" … "#76"), each its own word: for embeddings whose text is unknown."""
+    tokens = [Token(i, f"#{i}", i, False) for i in range(count)]
+    return tokens, [Word(i, f"#{i}", (i,)) for i in range(count)]
 
 
 def truncated_text(tokenizer, prompt: str) -> str:

@@ -91,3 +91,11 @@ def client(app_server):
     c = Client(app_server.url, verbose=False)
     yield c
     c.close()
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that start the app are `server` tests (the fast core, `-m "not server and not browser and
+    not slow"`, leaves them out)."""
+    for item in items:
+        if "app_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)

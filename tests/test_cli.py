@@ -21,21 +21,25 @@ PICTURES = [
     "latent-channels.png",
     "schedule.png",
     "attention-over-time.png",
+    "step-anatomy.png",
+    "guidance.png",
+    "text-embedding.png",
 ]
 
 
 def assert_handout(folder, prompt, words):
     """Every listed file is there, is what it says, and nothing else is."""
     heatmaps = [f"heatmap-{i:02d}-{w}.png" for i, w in enumerate(words, 1)]
-    files = PICTURES + heatmaps + ["trace.safetensors", "report.html"]
+    run = sdviz.TraceResult.load(folder / "trace.safetensors")
+    pictures = [p for p in PICTURES if p != "guidance.png" or run.info.cfg]  # the guidance plot needs guidance
+    files = pictures + heatmaps + ["trace.safetensors", "report.html"]
     assert sorted(p.name for p in folder.iterdir()) == sorted(files)
-    for name in PICTURES + heatmaps:
+    for name in pictures + heatmaps:
         with Image.open(folder / name) as picture:
             assert picture.format == "PNG" and min(picture.size) > 0
-    run = sdviz.TraceResult.load(folder / "trace.safetensors")
     assert run.prompt == prompt and run.image_size == (64, 64)
     page = (folder / "report.html").read_text(encoding="utf-8")
-    assert prompt in page and page.count("<img ") == len(PICTURES) + len(heatmaps) and "https://" not in page
+    assert prompt in page and page.count("<img ") == len(pictures) + len(heatmaps) and "https://" not in page
     return run
 
 
@@ -70,7 +74,8 @@ def test_a_batch_goes_on_past_bad_lines_and_reports_them_with_a_nonzero_exit(tmp
     code = main(["--prompts", str(prompts), "--out", str(out), "--words", "circle", *FAST])
 
     assert code == 1
-    assert sorted(p.name for p in out.iterdir()) == ["01-a-red-circle-above-a-blue-square", "03-a-blue-circle"]
+    written = ["01-a-red-circle-above-a-blue-square", "03-a-blue-circle", "index.jsonl"]  # index: sdviz.batch
+    assert sorted(p.name for p in out.iterdir()) == written
     first = assert_handout(out / "01-a-red-circle-above-a-blue-square", "a red circle above a blue square", ["circle"])
     third = assert_handout(out / "03-a-blue-circle", "a blue circle", ["circle"])
     assert first.info.guidance_scale == 7.5 and third.info.guidance_scale == 1.0  # the line's own setting
@@ -97,6 +102,7 @@ def test_help_documents_every_option_with_examples(capsys):
         "--seed",
         "--size",
         "--negative",
+        "--threads",
         "--words",
         "--prompts",
         "--device",
@@ -111,6 +117,7 @@ def test_help_documents_every_option_with_examples(capsys):
         assert option in text, option
 
 
+@pytest.mark.slow
 def test_python_dash_m_sdviz_runs():
     done = subprocess.run(
         [sys.executable, "-m", "sdviz", "--help"],
@@ -130,6 +137,7 @@ def test_python_dash_m_sdviz_runs():
         (["a cat", "--scheduler", "fast"], "unknown scheduler 'fast'; choose one of: DDIM"),
         (["a cat", "--steps", "0", "--model", "random-sd1"], "steps must be a whole number from 1 to 150"),
         (["   "], "the prompt is empty"),
+        (["a cat", "--threads", "0", "--model", "random-sd1", "--steps", "1"], "CPU threads must be 1 or more"),
     ],
 )
 def test_usage_errors_exit_2_and_say_what_to_do(argv, message, capsys):
@@ -163,3 +171,32 @@ def test_a_prompts_file_line_may_carry_its_own_settings():
     assert split_line("a well-lit -- no, dim -- room") == ("a well-lit -- no, dim -- room", {})
     with pytest.raises(ValueError, match="unrecognized arguments: --colour"):
         split_line("a cat --colour red")
+
+
+def test_anatomy_step_chooses_the_handouts_step_and_a_wrong_one_says_the_range(tmp_path, capsys):
+    out = tmp_path / "anatomy"
+    assert main(["a red circle", "--out", str(out), "--anatomy-step", "1", *FAST]) == 0
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "Step 1 of 2" in page and "Inside one step" in page and "Words become vectors" in page
+    assert main(["a red circle", "--out", str(tmp_path / "bad"), "--anatomy-step", "3", *FAST]) == 1
+    assert "--anatomy-step 3: this run has steps 1–2" in capsys.readouterr().err
+
+
+def test_noise_writes_the_forward_diffusion_pictures_and_the_loss_curve(tmp_path, capsys):
+    from sdviz.toy import world
+
+    scene = world.sample_scenes(1, seed=2)[0]
+    Image.fromarray(scene.image).save(tmp_path / "scene.png")
+    out = tmp_path / "noised"
+    argv = ["noise", str(tmp_path / "scene.png"), "--prompt", scene.caption, "--wrong", "a small blue triangle",
+            "--timestep", "300", "--points", "3", "--model", "toy", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    expected = ["image.png", "noising.png", "noise.png", "schedule.png", "loss-vs-t.png", "loss-vs-t.csv"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected + ["trace.safetensors"])
+    run = sdviz.TraceResult.load(out / "trace.safetensors")
+    assert int(run.timesteps[0]) == 300 and f"training loss {run.loss:.4f}" in capsys.readouterr().err
+    rows = (out / "loss-vs-t.csv").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 4 and rows[0].startswith("timestep,alpha_bar,") and "a small blue triangle" in rows[0]
+    assert main(["noise", str(tmp_path / "scene.png"), "--timestep", "1000", "--model", "toy",
+                 "--out", str(out)]) == 2  # fmt: skip
+    assert "from 0 (clean) to 999" in capsys.readouterr().err

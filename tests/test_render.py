@@ -58,9 +58,7 @@ def test_the_colour_fit_recovers_a_linear_vae():
         z = torch.einsum("cr,nrhw->nchw", mix, pooled) + 0.1
         return SimpleNamespace(latent_dist=SimpleNamespace(mean=z / 0.5))
 
-    vae = SimpleNamespace(
-        encode=encode, parameters=lambda: iter([torch.zeros(1)]), config={"scaling_factor": 0.5}
-    )
+    vae = SimpleNamespace(encode=encode, parameters=lambda: iter([torch.zeros(1)]), config={"scaling_factor": 0.5})
     factors = fit_latent_rgb(vae)
     rgb = torch.rand(5, 5, 3) * 2 - 1
     latent = torch.einsum("cr,hwr->chw", mix, rgb) + 0.1
@@ -126,9 +124,14 @@ def test_word_shares_and_attention_over_time(traced_run):
     assert np.allclose(shares.sum(1), 1.0, atol=1e-5)
     fig = render.attention_over_time(run)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert labels == [w.text for w in run.words]
+    distinct = list(dict.fromkeys(w.text for w in run.words))
+    assert labels == distinct[::-1]  # one band per distinct word, listed top band first
+    bands = fig.axes[0].collections
+    red = next(band for band, word in zip(bands, distinct) if word == "red")
+    assert np.allclose(red.get_facecolor()[0][:3], (1.0, 0.0, 0.0))  # a colour word in its own colour
     grid = render.word_grid(run, image)
-    assert [ax.get_title() for ax in grid.axes] == [w.text for w in run.words]
+    titles = [ax.get_title().split("\n")[0] for ax in grid.axes if ax.get_title()]
+    assert titles == [w.text for w in run.words]
     strip = render.step_strip(run, count=3)
     assert len(strip.axes) == 3
 
@@ -158,3 +161,48 @@ def test_region_bars_tick_labels_never_run_into_each_other(top):
     )
     assert len(boxes) >= 3
     assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))
+
+
+def test_previews_use_a_local_taesd_when_the_vae_is_costly_and_never_download(sd1_pipe, tmp_path, monkeypatch):
+    from sdviz import preview
+    from sdviz.random_models import build_tiny_autoencoder
+
+    _, run = sdviz.generate(sd1_pipe, sdviz.Settings("a red circle", steps=2, width=64, height=64))
+    assert preview.previewer(sd1_pipe).kind == "vae"  # the tiny test VAE is cheap: exact pictures
+    monkeypatch.setattr(preview, "EXACT_BUDGET", 0)  # as for SD's real VAE
+    monkeypatch.delenv(preview.TAESD_ENV, raising=False)
+    assert preview.previewer(sd1_pipe).kind == "linear"  # no TAESD on this machine, nothing downloaded
+    tiny = build_tiny_autoencoder()
+    tiny.save_pretrained(tmp_path / "taesd")
+    monkeypatch.setenv(preview.TAESD_ENV, str(tmp_path / "taesd"))
+    chosen = preview.previewer(sd1_pipe)
+    assert chosen.kind == "taesd" and "TAESD" in chosen.label
+    picture = chosen.picture(run, 1)
+    with torch.no_grad():  # the same as decoding the step's latent with that AutoencoderTiny by hand
+        expected = tiny.decode(run.x0[1][None] / tiny.config.scaling_factor).sample[0]
+    expected = ((expected.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).round().byte().numpy()
+    assert picture.shape == (64, 64, 3) and np.array_equal(picture, expected)
+    assert "taesd/x0/1" in run.decoded and "x0/1" not in run.decoded  # cached apart from exact decodes
+
+
+def test_a_scaled_overlay_colours_from_zero_to_its_peak_and_shows_the_scale():
+    import matplotlib
+
+    image = np.full((8, 8, 3), 255, np.uint8)
+    heat = np.zeros((8, 8), np.float32)
+    heat[1:7, 1:7] = 0.02  # a faint word: its peak is 0.02
+    own = np.asarray(render.scaled_overlay(image, heat, "jet", alpha=1.0, min_side=64))
+    shared = np.asarray(render.scaled_overlay(image, heat, "jet", alpha=1.0, vmax=0.04, min_side=64))
+    top = (np.array(matplotlib.colormaps["jet"](1.0)[:3]) * 255).round()
+    middle = (np.array(matplotlib.colormaps["jet"](0.5)[:3]) * 255).round()
+    cell = (slice(3 * 8, 5 * 8), slice(3 * 8, 5 * 8))  # inside the peak's region, enlarged ×8
+    assert np.abs(own[cell].reshape(-1, 3) - top).max(axis=1).min() <= 2  # own scale: the peak is the top colour
+    assert np.abs(shared[cell].reshape(-1, 3) - middle).max(axis=1).min() <= 2  # on a 0–0.04 scale: the middle
+    assert own.shape[1] > 64 and own.shape[0] > 64  # a colour bar beside it, "peak · mean" under it
+
+
+def test_the_word_grid_can_share_one_scale(sd1_pipe):
+    image, run = sdviz.generate(sd1_pipe, sdviz.Settings("a red circle", steps=2, width=64, height=64))
+    shared = np.asarray(render.to_image(render.word_grid(run, image, shared_scale=True)))
+    own = np.asarray(render.to_image(render.word_grid(run, image, shared_scale=False)))
+    assert shared.shape != own.shape or not np.array_equal(shared, own)

@@ -28,8 +28,9 @@ CHROMIUM_ARGS = [
 PROMPT = "a red circle above a blue square"
 NEGATIVE = '<b>blurry</b> & "ugly"'
 WORDS = ["a", "red", "circle", "above", "blue", "square"]  # the distinct words of PROMPT
-# final image, word grid, one per word, attention over time, step strip, schedule, two latent pictures
-IMAGE_COUNT = 1 + 1 + len(WORDS) + 1 + 1 + 1 + 2
+# final image, word grid, one per word, attention over time, step strip, schedule, two latent pictures,
+# the step anatomy, the guidance plot, the text vectors
+IMAGE_COUNT = 1 + 1 + len(WORDS) + 1 + 1 + 1 + 2 + 3
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,7 @@ def test_report_escapes_user_text(report_file):
     assert "Note &lt;i&gt;" in text
 
 
+@pytest.mark.browser
 def test_report_renders_in_headless_chromium_with_every_image_loaded(report_file):
     if not Path(CHROMIUM).exists():
         pytest.fail(
@@ -188,3 +190,13 @@ def test_an_unconditional_run_says_so_and_points_to_no_missing_section(sd1_pipe)
     html = report.report_html(run, image, sdviz.Settings("", steps=2))
     assert "run was unconditional" in html
     assert "Where each word looked" not in html
+
+
+def test_the_handout_takes_one_step_apart_and_shows_the_text_vectors(traced):
+    image, run, settings = traced
+    pictures = report.handout_images(run, image, words=["circle"], anatomy_step=0)
+    assert {"step-anatomy.png", "guidance.png", "text-embedding.png"} <= set(pictures)
+    page = report.report_html(run, image, settings, words=["circle"], pictures=pictures, anatomy_step=0)
+    assert "Inside one step" in page and "Step 1 of 3" in page and "When does the text matter?" in page
+    assert "<b>Guidance.</b>" in page and f"{77 * run.prompt_embeds.shape[-1]:,} numbers" in page
+    assert report.anatomy_step_of(run, None) == 1  # by default the middle step of three

@@ -355,6 +355,58 @@ def evaluate_noised(pipe, scenes, seed: int = 0) -> dict:
     return _loc_summary(loc)
 
 
+# -- contrast across words: a separate measurement, its own rows in the table ----------------
+CONTRASTS = {  # variant → (which tokens share each pixel, temperature); see TraceResult.heatmap(contrast=...)
+    "none": (None, 1.0),
+    "all caption words, τ=1 (plain share)": ("all", 1.0),
+    "all caption words, τ=0.5": ("all", 0.5),
+    "colour and shape words only, τ=1": ("content", 1.0),
+}
+
+
+@torch.no_grad()
+def evaluate_contrast(pipe, scenes) -> dict:
+    """Localisation on held-out scenes noised to t=NOISED_T (`sdviz.noise_image`, noise seed = scene index),
+    each colour and shape word scored without and with contrast: every pixel's attention renormalised
+    across the caption's words, each occurrence on its own (see CONTRASTS). The same maps in every row."""
+    scores = {name: [] for name in CONTRASTS}
+    for i, scene in enumerate(scenes):
+        run = sdviz.noise_image(pipe, scene.image, scene.caption, NOISED_T, seed=i)
+        words = scene.caption.split()
+        tokens = [t.index for t in run.tokens if not t.special]  # one token per word in the toy world
+        content = [tokens[j] for j, w in enumerate(words) if w in world.COLOURS or w in world.SHAPES]
+        for j, (word, obj) in enumerate(zip(words, world.word_objects(scene.caption))):
+            if word not in world.COLOURS and word not in world.SHAPES:
+                continue
+            kind = "colour" if word in world.COLOURS else "shape"
+            mask = scene.masks[obj]
+            for name, (among, temperature) in CONTRASTS.items():
+                groups = None if among is None else [[t] for t in (tokens if among == "all" else content)]
+                heat = run.heatmap([tokens[j]], size=mask.shape, contrast=groups, temperature=temperature)
+                hit, iou, _ = score_map(heat, mask)
+                scores[name].append((kind, hit, iou))
+    return {
+        name: {
+            "pointing_colour": _mean(h for k, h, _ in rows if k == "colour"),
+            "pointing_shape": _mean(h for k, h, _ in rows if k == "shape"),
+            "miou": _mean(iou for _, _, iou in rows),
+            "words": len(rows),
+        }
+        for name, rows in scores.items()
+    }
+
+
+def contrast_table(contrast: dict) -> list[str]:
+    """Rows for the table: each contrast variant's pointing game and mIoU on the noised scenes."""
+    lines = []
+    for name, c in contrast.items():
+        lines.append(
+            f"| noised t={NOISED_T}, contrast: {name} — pointing game colour / shape, mIoU | "
+            f"{c['pointing_colour']:.1%} / {c['pointing_shape']:.1%}, {c['miou']:.2f} | – | – |"
+        )
+    return lines
+
+
 def time_generation(pipe, guidance: float, steps: int, size: int, repeats: int = 3) -> float:
     """Best-of-`repeats` seconds for one untraced generation (the first call warms up)."""
     pipe("a red circle", num_inference_steps=steps, guidance_scale=guidance, height=size, width=size)
@@ -410,6 +462,7 @@ def evaluate(
             "scheduler": type(pipe.scheduler).__name__,
         },
     }
+    results["contrast"] = evaluate_contrast(pipe, heldout)
     return results
 
 
@@ -530,6 +583,8 @@ def table(r: dict) -> str:
         met = value <= target if upper else value >= target
         bound = f"{'≤' if upper else '≥'} {fmt.format(target)}"
         lines.append(f"| {name} | {fmt.format(value)} | {bound} | {'yes' if met else 'no'} |")
+    if "contrast" in r:  # contrast across words (research tools)
+        lines += contrast_table(r["contrast"])
     scored = g["objects_scored"]
     lines.append(
         f"\n{g['images']} generated images ({s['captions']} held-out captions × seeds {s['seeds']}, "

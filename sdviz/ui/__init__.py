@@ -4,8 +4,9 @@
     demo = build_app(Models(default_choices()))
     launch(demo)
 
-Modules: models (which pipelines, loaded lazily), inputs (form → checked Settings), streaming
-(generation in a worker thread, streamed), views (what each panel shows), layout (the Blocks), texts.
+Modules: layout (composes the panels), panels/ (one module per panel), wiring (what panels share,
+and `handler`), session (one user's last run), models (which pipelines, loaded lazily), inputs (form →
+checked Settings), streaming (generation in a worker thread, streamed), texts (header, CSS).
 """
 
 from __future__ import annotations
@@ -57,6 +58,13 @@ def parse_args(argv=None):
         "--port", type=int, default=int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860)
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads torch uses for a run (default: 1 for small models such as the built-in one, every "
+        "core for large ones; also SDVIZ_THREADS). One thread is fastest on a shared CPU such as a free Space",
+    )
+    parser.add_argument(
         "--queue-size",
         type=int,
         default=int(os.environ.get("SDVIZ_QUEUE_SIZE") or 16),
@@ -72,6 +80,6 @@ def main(argv=None):
     choices = default_choices(extra)
     if args.default_model and args.default_model not in choices:
         raise SystemExit(f"--default-model {args.default_model!r} is not one of: {', '.join(choices)}")
-    models = Models(choices, default=args.default_model)
+    models = Models(choices, default=args.default_model, threads=args.threads)
     demo = build_app(models, examples=example_prompts(EXAMPLES), queue_size=args.queue_size)
     launch(demo, server_name=args.host, server_port=args.port)

@@ -21,8 +21,19 @@ def parse_seed(text, randomize: bool) -> int:
     return check.random_seed() if randomize else check.seed(text, allow_random=True)
 
 
-def settings_from_form(models: Models, model: str, prompt, negative_prompt, scheduler, steps, guidance, seed,
-                       randomize: bool, width, height) -> Settings:  # fmt: skip
+def settings_from_form(
+    models: Models,
+    model: str,
+    prompt,
+    negative_prompt,
+    scheduler,
+    steps,
+    guidance,
+    seed,
+    randomize: bool,
+    width,
+    height,
+) -> Settings:
     """Check every field of the form; raise ValueError naming the field and the fix."""
     preset = models.preset(model)
     settings = Settings(
