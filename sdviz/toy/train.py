@@ -1,7 +1,7 @@
 """Train the toy Stable Diffusion on the shapes world, on CPU, and save it as a diffusers folder.
 
-    python -m sdviz.toy.train                 # from scratch in ~45 min on one thread (the model card has the
-                                              # two commands that made the shipped model)
+    python -m sdviz.toy.train                 # from scratch, the shipped model's recipe (the model card has the
+                                              # command that made it and how long it took)
     python -m sdviz.toy.train --quick --out /tmp/toy   # the whole recipe in seconds, for tests
 
 Stage 1 trains the VAE on rendered scenes; the scenes are then encoded once, and stage 2 trains the
@@ -429,7 +429,7 @@ def parse_args(argv=None):
         default=None,
         help="start the text encoder and UNet from this pipeline folder instead of from scratch",
     )
-    p.add_argument("--steps", type=int, default=4500, help="UNet + text encoder steps")
+    p.add_argument("--steps", type=int, default=4000, help="UNet + text encoder steps")
     p.add_argument("--batch", type=int, default=32, help="latents per UNet batch")
     p.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder peak learning rate (AdamW)")
     p.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps, then cosine to 10 %%")
@@ -511,8 +511,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--p-position",
         type=float,
-        default=world.EVALUATION_MIX.p_position,
-        help="how often a training object names its position (default: %(default)s)",
+        default=0.8,
+        help="how often a training object names its position (default: %(default)s; the held-out captions of the "
+        f"evaluation: {world.EVALUATION_MIX.p_position})",
     )
     args = p.parse_args(argv)
     if args.quick:
