@@ -1,7 +1,7 @@
 """Train the toy Stable Diffusion on the shapes world, on CPU, and save it as a diffusers folder.
 
-    python -m sdviz.toy.train                 # from scratch in ~45 min on one thread (the model card has the
-                                              # two commands that made the shipped model)
+    python -m sdviz.toy.train                 # from scratch, the shipped model's recipe (the model card has the
+                                              # command that made it and how long it took)
     python -m sdviz.toy.train --quick --out /tmp/toy   # the whole recipe in seconds, for tests
 
 Stage 1 trains the VAE on rendered scenes; the scenes are then encoded once, and stage 2 trains the
@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import math
-import random
 import time
 from pathlib import Path
 
@@ -76,13 +75,13 @@ def world_tokenizer():
     return tokenizer
 
 
-def build_text_encoder(tokenizer, hidden: int) -> CLIPTextModel:
+def build_text_encoder(tokenizer, hidden: int, layers: int = 2) -> CLIPTextModel:
     return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
             hidden_size=hidden,
             intermediate_size=4 * hidden,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             max_position_embeddings=77,
             hidden_act="quick_gelu",
@@ -94,16 +93,17 @@ def build_text_encoder(tokenizer, hidden: int) -> CLIPTextModel:
     )
 
 
-def build_unet(latent_size: int, channels: tuple[int, int], text_dim: int) -> UNet2DConditionModel:
-    # Cross-attention at both resolutions (16² and 8²) and in the mid block.
+def build_unet(latent_size: int, channels: tuple[int, ...], text_dim: int, layers: int = 1) -> UNet2DConditionModel:
+    # One level per width, each halving the grid (16² → 8² → 4² for three), cross-attention at every
+    # level and in the mid block.
     return UNet2DConditionModel(
         sample_size=latent_size,
         in_channels=4,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=channels,
-        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * len(channels),
+        up_block_types=("CrossAttnUpBlock2D",) * len(channels),
+        block_out_channels=tuple(channels),
+        layers_per_block=layers,
         cross_attention_dim=text_dim,
         attention_head_dim=4,
         norm_num_groups=16,
@@ -111,16 +111,20 @@ def build_unet(latent_size: int, channels: tuple[int, int], text_dim: int) -> UN
 
 
 class ProbeProcessor:
-    """Cross-attention that keeps its probabilities in `self.probs` ([batch·heads, h·w, 77]) for the loss."""
+    """Cross-attention that keeps its probabilities for the attention losses: `self.probs` and, computed
+    from the text vectors detached, `self.probs_detached` (both [batch·heads, h·w, 77]; the same values,
+    but the second passes no gradient to the text encoder). The layer's output uses the first."""
 
     def __init__(self):
-        self.probs = None
+        self.probs = self.probs_detached = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # [b·heads, hw, d]
         k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))  # [b·heads, 77, d]
         v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
         self.probs = attn.get_attention_scores(q, k, None)  # [b·heads, hw, 77]
+        k_detached = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states.detach()))
+        self.probs_detached = attn.get_attention_scores(q, k_detached, None)
         out = attn.batch_to_head_dim(torch.bmm(self.probs, v))
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -178,29 +182,66 @@ def encode_all(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     return torch.cat([vae.encode(images[i : i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
 
 
-def token_targets(scenes, tokenizer, latent_size: int):
-    """Token ids [N, 77], the object each token names [N, 77] (-1: none) and object masks [N, 3, h, w]."""
+# The words an attention loss can pull into their object's mask, by kind (position: the phrase's last word,
+# the first that tells "on the left" from "on the right" in a causal text encoder).
+LOSS_WORDS = {
+    "colour": tuple(world.COLOURS),
+    "shape": world.SHAPES,
+    "size": tuple(world.SIZES),
+    "position": tuple(p.split()[-1] for p in world.POSITIONS),
+}
+
+
+def region_masks(size: int) -> torch.Tensor:
+    """The half of the image each position names, in world.POSITIONS order: [4, size, size] of 0/1."""
+    half = torch.arange(size) < size / 2  # [size]
+    left = half[None, :].expand(size, size)
+    top = half[:, None].expand(size, size)
+    return torch.stack([left, ~left, top, ~top]).float()
+
+
+def token_targets(
+    scenes, tokenizer, latent_size: int, kinds=("colour", "shape", "size"), detached=(), position_target="region"
+):
+    """Token ids [N, 77]; the target each token's map is pulled to [N, 77]: the index of its object's mask,
+    or for a position word with `position_target` "region" 3 + the index of the half of the image it names
+    (see `attention_targets`), -1 for none or a word of a kind not in `kinds`; whether its attention
+    losses leave the text encoder alone [N, 77] (words of the kinds in `detached`); object masks
+    [N, 3, h, w]."""
     ids = tokenizer(
         [s.caption for s in scenes], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
     ).input_ids
     owner = torch.full((len(scenes), 77), -1, dtype=torch.long)
     masks = torch.zeros(len(scenes), 3, latent_size, latent_size)
-    naming = set(world.COLOURS) | set(world.SHAPES) | set(world.SIZES)
+    detach = torch.zeros(len(scenes), 77, dtype=torch.bool)
+    naming = {w for kind in kinds for w in LOSS_WORDS[kind]}
+    untied = {w for kind in detached for w in LOSS_WORDS[kind]}
     for i, s in enumerate(scenes):
         for w, (word, obj) in enumerate(zip(s.caption.split(), world.word_objects(s.caption))):
             if word in naming:
-                owner[i, w + 1] = obj  # +1: <|startoftext|> comes first, then one token per word
+                # +1: <|startoftext|> comes first, then one token per word
+                owner[i, w + 1] = obj
+                if word in LOSS_WORDS["position"] and position_target == "region":
+                    owner[i, w + 1] = 3 + LOSS_WORDS["position"].index(word)
+                detach[i, w + 1] = word in untied
         m = torch.from_numpy(s.masks).float()[:, None]  # [n, 1, H, W]
         masks[i, : len(s.masks)] = F.adaptive_avg_pool2d(m, latent_size)[:, 0]
-    return ids, owner, masks
+    return ids, owner, detach, masks
 
 
-def attention_loss(probes, owner: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_targets(object_masks: torch.Tensor) -> torch.Tensor:
+    """[b, 3, h, w] object masks → [b, 7, h, w]: then the four halves of the image (region_masks)."""
+    regions = region_masks(object_masks.shape[-1]).to(object_masks)
+    return torch.cat([object_masks, regions[None].expand(len(object_masks), -1, -1, -1)], 1)
+
+
+def attention_loss(probes, owner: torch.Tensor, detach: torch.Tensor, masks: torch.Tensor):
     """(share, cover) losses of the object words' cross-attention, each averaged over words and layers.
 
     share: (1 − share of the word's attention mass inside its object's mask)² — where the mass goes.
     cover: 1 − soft Dice between the word's map divided by its maximum and the mask — whether the map
     fills the object rather than peaking on one latent pixel of it (the maps' shape, which mIoU scores).
+    Tokens where `detach` [b, 77] is set are scored on maps that pass no gradient to the text encoder.
     """
     b = owner.shape[0]
     valid = owner >= 0  # [b, 77]
@@ -210,7 +251,12 @@ def attention_loss(probes, owner: torch.Tensor, masks: torch.Tensor) -> tuple[to
     tok_masks = torch.gather(masks, 1, owner.clamp(min=0)[:, :, None, None].expand(-1, -1, *masks.shape[2:]))
     shares, covers = [], []
     for p in probes:
-        probs = p.probs.view(b, -1, *p.probs.shape[1:]).mean(1)  # [b, hw, 77]
+        probs = torch.where(
+            detach[:, None, None],
+            p.probs_detached.view(b, -1, *p.probs.shape[1:]),
+            p.probs.view(b, -1, *p.probs.shape[1:]),
+        )
+        probs = probs.mean(1)  # [b, hw, 77]: the head mean
         res = int(math.isqrt(probs.shape[1]))
         m = F.adaptive_avg_pool2d(tok_masks, res).flatten(2).transpose(1, 2)  # [b, hw, 77]
         share = (probs * m).sum(1) / probs.sum(1).clamp(min=1e-8)  # [b, 77]
@@ -221,9 +267,13 @@ def attention_loss(probes, owner: torch.Tensor, masks: torch.Tensor) -> tuple[to
     return torch.stack(shares).mean(), torch.stack(covers).mean()
 
 
-def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkpoint=None):
-    """Returns EMA copies of (unet, text_encoder); `checkpoint(step, unet, text_encoder)` gets EMA copies
-    every `args.save_every` steps."""
+def train_unet(unet, text_encoder, latents, ids, owner, detach, masks, args, log, checkpoint=None, resume=None):
+    """Returns EMA copies of (unet, text_encoder).
+
+    Every `args.save_every` steps `checkpoint(step, ema_unet, ema_text, state)` gets EMA copies and the
+    training state (weights, EMA, optimiser, step, sampler RNG); `resume`, such a state, continues a run
+    exactly where it was saved.
+    """
     sched = DDIMScheduler(**SD_SCHEDULE)
     alphas = sched.alphas_cumprod  # [1000]
     snr = alphas / (1 - alphas)
@@ -242,8 +292,17 @@ def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkp
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     gen = torch.Generator().manual_seed(args.seed + 1)
+    start = 0
+    if resume is not None:
+        unet.load_state_dict(resume["unet"])
+        text_encoder.load_state_dict(resume["text_encoder"])
+        ema_unet.load_state_dict(resume["ema_unet"])
+        ema_text.load_state_dict(resume["ema_text"])
+        opt.load_state_dict(resume["optimizer"])
+        gen.set_state(resume["generator"])
+        start = resume["step"]
     unet.train(), text_encoder.train()
-    bar = tqdm(range(args.steps), desc="UNet+text", mininterval=5)
+    bar = tqdm(range(start, args.steps), desc="UNet+text", mininterval=5, initial=start, total=args.steps)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
@@ -259,11 +318,19 @@ def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkp
         pred = unet(xt, t, encoder_hidden_states=cond).sample
         # min-SNR-5 weights for epsilon prediction: stop easy low-noise steps from dominating.
         w = snr[t].clamp(max=5.0) / snr[t]
-        loss_mse = (w * (pred - noise).pow(2).mean((1, 2, 3))).mean()
+        err = (pred - noise).pow(2).mean(1)  # [b, h, w]
+        if args.object_weight:
+            # Objects (and a latent pixel around them, where their outline is) weigh 1 + object_weight
+            # times the background, which fills ~90 % of a scene: the shape is in those pixels.
+            near = F.max_pool2d(masks[idx].amax(1, keepdim=True), 3, stride=1, padding=1)[:, 0]  # [b, h, w]
+            pix = 1 + args.object_weight * near
+            err = err * pix / pix.mean((1, 2), keepdim=True)
+        loss_mse = (w * err.mean((1, 2))).mean()
         loss = loss_mse
         loss_attn = loss_cover = torch.zeros(())
         if probes:
-            loss_attn, loss_cover = attention_loss(list(probes.values()), own, masks[idx])
+            targets = attention_targets(masks[idx])
+            loss_attn, loss_cover = attention_loss(list(probes.values()), own, detach[idx], targets)
             loss = loss + args.attn_loss * loss_attn + args.attn_cover * loss_cover
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -286,9 +353,18 @@ def train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkp
                 loss=f"{loss_mse.item():.4f}", attn=f"{loss_attn.item():.3f}", cover=f"{loss_cover.item():.3f}"
             )
         if checkpoint and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            state = {
+                "step": step + 1,
+                "unet": unet.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "ema_unet": ema_unet.state_dict(),
+                "ema_text": ema_text.state_dict(),
+                "optimizer": opt.state_dict(),
+                "generator": gen.get_state(),
+            }
             snapshot = copy.deepcopy(ema_unet)
             snapshot.set_attn_processor(AttnProcessor2_0())
-            checkpoint(step + 1, snapshot.eval(), copy.deepcopy(ema_text).eval())
+            checkpoint(step + 1, snapshot.eval(), copy.deepcopy(ema_text).eval(), state)
     ema_unet.set_attn_processor(AttnProcessor2_0())
     return ema_unet.eval(), ema_text.eval()
 
@@ -353,7 +429,7 @@ def parse_args(argv=None):
         default=None,
         help="start the text encoder and UNet from this pipeline folder instead of from scratch",
     )
-    p.add_argument("--steps", type=int, default=2800, help="UNet + text encoder steps")
+    p.add_argument("--steps", type=int, default=4000, help="UNet + text encoder steps")
     p.add_argument("--batch", type=int, default=32, help="latents per UNet batch")
     p.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder peak learning rate (AdamW)")
     p.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps, then cosine to 10 %%")
@@ -372,66 +448,203 @@ def parse_args(argv=None):
         help="weight of the loss making each object word's map (divided by its peak) fill its mask (0: off)",
     )
     p.add_argument(
+        "--object-weight",
+        type=float,
+        default=0.0,
+        help="extra weight of the noise-prediction loss on object pixels and their outline (0: uniform)",
+    )
+    p.add_argument(
+        "--attn-words",
+        nargs="+",
+        choices=tuple(LOSS_WORDS),
+        default=("colour", "shape", "size", "position"),
+        help="kinds of words the attention losses pull into their target: their object's mask, for position "
+        "words see --position-target (default: %(default)s)",
+    )
+    p.add_argument(
+        "--position-target",
+        choices=("region", "object"),
+        default="region",
+        help="what a position word's map is pulled to: the half of the image it names, or its object's mask "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--attn-detach-text",
+        nargs="*",
+        choices=tuple(LOSS_WORDS),
+        default=("shape", "position"),
+        metavar="KIND",
+        help="kinds of words whose attention losses train the UNet only, not the text encoder (default: "
+        "%(default)s; the model card: through the text encoder they made it drop the shape words; give "
+        "none for the previous model's recipe)",
+    )
+    p.add_argument(
         "--save-every",
         type=int,
-        default=0,
-        help="also save the EMA pipeline every N UNet steps, to OUT/checkpoints/step-N (0: only at the end)",
+        default=1000,
+        help="every N UNet steps save the EMA pipeline to OUT/checkpoints/step-N and the training state "
+        "to OUT/checkpoints/state.pt (0: only the final pipeline, no resuming)",
     )
-    p.add_argument("--channels", type=int, nargs=2, default=(32, 64), help="UNet block widths")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT from OUT/checkpoints (same options): its VAE once stage 1 finished, "
+        "its last training state in stage 2",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        nargs="+",
+        default=(32, 64, 128),
+        help="UNet block widths, one level (halving the grid) each",
+    )
+    p.add_argument("--layers-per-block", type=int, default=1, help="UNet ResNet+attention layers per down block")
     p.add_argument("--text-dim", type=int, default=64, help="text encoder width = cross-attention width")
+    p.add_argument("--text-layers", type=int, default=2, help="text encoder transformer layers")
+    p.add_argument(
+        "--counts",
+        type=float,
+        nargs=3,
+        default=world.EVALUATION_MIX.counts,
+        help="relative weights of 1-, 2- and 3-object training captions (default: %(default)s)",
+    )
+    p.add_argument(
+        "--p-position",
+        type=float,
+        default=0.8,
+        help="how often a training object names its position (default: %(default)s; the held-out captions of the "
+        f"evaluation: {world.EVALUATION_MIX.p_position})",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.scenes, args.vae_steps, args.vae_full_steps, args.steps, args.vae_batch, args.batch = 64, 3, 1, 3, 4, 4
         args.channels, args.warmup = (16, 32), 2
+    args.channels, args.counts = tuple(args.channels), tuple(args.counts)
+    args.attn_words, args.attn_detach_text = tuple(args.attn_words), tuple(args.attn_detach_text)
     return args
+
+
+# What may differ between a run and its resumption: options that do not change what is trained, and the
+# latent scaling, which is measured (again) after the options are checked.
+NOT_COMPARED = {"out", "threads", "resume", "scaling"}
+
+
+def _jsonable(args) -> dict:
+    return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
+
+
+def _load_checkpoint(path: Path, args):
+    """The saved dict at `path` (None if absent), after checking it was saved by a run with the same options."""
+    if not path.exists():
+        return None
+    saved = torch.load(path, weights_only=False)
+    ours = _jsonable(args)
+    changed = {k: (v, ours.get(k)) for k, v in saved["args"].items() if k not in NOT_COMPARED and ours.get(k) != v}
+    if changed:
+        listed = ", ".join(f"--{k.replace('_', '-')} {a} (now {b})" for k, (a, b) in changed.items())
+        raise SystemExit(f"--resume: {path} was saved by a run with {listed}; resume with the options it started with")
+    return saved
+
+
+def _save_atomically(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)  # a run killed while saving leaves the previous file whole
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
+    ckpt_dir = args.out / "checkpoints"
+    vae_ckpt = _load_checkpoint(ckpt_dir / "vae.pt", args) if args.resume else None
+    state = _load_checkpoint(ckpt_dir / "state.pt", args) if args.resume else None
+    if args.resume and vae_ckpt is None:
+        print(f"--resume: no {ckpt_dir / 'vae.pt'} yet, starting from scratch")
     args.out.mkdir(parents=True, exist_ok=True)
-    log_file = (args.out / "train_log.jsonl").open("w")
+    log_path = args.out / "train_log.jsonl"
+    kept = []  # on resume, the log up to the saved step (later lines are trained again)
+    if vae_ckpt is not None and log_path.exists():
+        upto = state["step"] if state else 0
+        kept = [
+            line
+            for line in log_path.read_text().splitlines()
+            if (r := json.loads(line)).get("stage") == "vae" or r.get("stage") == "unet" and r["step"] < upto
+        ]
+    log_file = log_path.open("w")
+    log_file.writelines(line + "\n" for line in kept)
 
     def log(record):
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
 
+    # 1. Data: the scenes (the same for the same seed and mix) and their pixels.
     start = time.time()
-    scenes = world.sample_scenes(args.scenes, seed=args.seed, size=args.size)
+    elapsed_before = state["elapsed"] if state else vae_ckpt["elapsed"] if vae_ckpt else 0.0
+    torch.manual_seed(args.seed)
+    mix = world.Mix(args.counts, args.p_position)
+    scenes = world.sample_scenes(args.scenes, seed=args.seed, size=args.size, mix=mix)
     images = to_tensor(np.stack([s.image for s in scenes]))  # [N, 3, H, W]
-    if args.vae_from:
-        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").float().eval()
-    else:
+
+    # 2. Stage 1: the VAE (trained, reused from another pipeline, or restored from this run's checkpoint).
+    if vae_ckpt is not None:
         vae = build_vae(args.size)
-        train_vae(vae, images, args, log)
-    vae_time = time.time() - start
+        vae.load_state_dict(vae_ckpt["vae"])
+        vae.eval()
+        vae_time = vae_ckpt["vae_seconds"]
+    else:
+        if args.vae_from:
+            vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").float().eval()
+        else:
+            vae = build_vae(args.size)
+            train_vae(vae, images, args, log)
+        vae_time = time.time() - start
+        if args.save_every:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            # The fp32 weights (the pipeline folder holds fp16): a resumed run encodes the same latents.
+            _save_atomically(
+                {"args": _jsonable(args), "vae": vae.state_dict(), "vae_seconds": vae_time, "elapsed": vae_time},
+                ckpt_dir / "vae.pt",
+            )
+
+    # 3. Encode every scene once; scale latents to unit variance for the diffusion schedule (SD's 0.18215).
     latents = encode_all(vae, images)  # [N, 4, size/4, size/4]
-    # Like SD's 0.18215: scale latents to unit variance for the diffusion schedule.
     args.scaling = float(1 / latents.std())
     # The preview factors go in the VAE's config, where sdviz.preview looks first; the VAE is final here,
     # so they are fitted once for the final pipeline and every checkpoint.
     vae.register_to_config(scaling_factor=args.scaling, **{PREVIEW_KEY: preview_factors(vae)})
+
+    # 4. Stage 2: text encoder and UNet, from scratch (seeded here, so a resumed run builds the same ones),
+    # from another pipeline, or continued from this run's training state.
     tokenizer = world_tokenizer()
+    torch.manual_seed(args.seed + 2)
     if args.unet_from:  # continue training (warm restart of the LR schedule, fresh optimiser)
         text_encoder = CLIPTextModel.from_pretrained(args.unet_from / "text_encoder", dtype=torch.float32)
         unet = UNet2DConditionModel.from_pretrained(args.unet_from, subfolder="unet").float()
     else:
-        text_encoder = build_text_encoder(tokenizer, args.text_dim)
-        unet = build_unet(latents.shape[-1], tuple(args.channels), args.text_dim)
-    ids, owner, masks = token_targets(scenes, tokenizer, latents.shape[-1])
+        text_encoder = build_text_encoder(tokenizer, args.text_dim, args.text_layers)
+        unet = build_unet(latents.shape[-1], args.channels, args.text_dim, args.layers_per_block)
+    ids, owner, detach, masks = token_targets(
+        scenes, tokenizer, latents.shape[-1], args.attn_words, args.attn_detach_text, args.position_target
+    )
 
-    def checkpoint(step, unet_copy, text_copy):
-        save(args.out / "checkpoints" / f"step-{step}", copy.deepcopy(vae), text_copy, tokenizer, unet_copy)
+    def checkpoint(step, unet_copy, text_copy, train_state):
+        save(ckpt_dir / f"step-{step}", copy.deepcopy(vae), text_copy, tokenizer, unet_copy)
+        elapsed = elapsed_before + time.time() - start
+        _save_atomically(
+            {**train_state, "args": _jsonable(args), "elapsed": elapsed, "vae_seconds": vae_time},
+            ckpt_dir / "state.pt",
+        )
 
-    unet, text_encoder = train_unet(unet, text_encoder, latents, ids, owner, masks, args, log, checkpoint)
+    if state is not None:
+        print(f"resuming {args.out} at UNet step {state['step']} of {args.steps}")
+    unet, text_encoder = train_unet(
+        unet, text_encoder, latents, ids, owner, detach, masks, args, log, checkpoint, state
+    )
+
+    # 5. Save the EMA weights as a diffusers pipeline, with the options and times.
     save(args.out, vae, text_encoder, tokenizer, unet)
-    summary = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "vae_seconds": round(vae_time),
-        "total_seconds": round(time.time() - start),
-    }
+    elapsed = elapsed_before + time.time() - start
+    summary = {"args": _jsonable(args), "vae_seconds": round(vae_time), "total_seconds": round(elapsed)}
     (args.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     log(summary)
     print(f"saved {args.out} in {summary['total_seconds']} s")

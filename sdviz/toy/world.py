@@ -117,14 +117,26 @@ def is_heldout(objects: list[Obj]) -> bool:
     return any((o.colour, o.shape) in HELDOUT_PAIRS for o in objects) or any(s <= colours for s in HELDOUT_COLOUR_SETS)
 
 
-def sample_objects(rng: random.Random, heldout: bool | None = False) -> list[Obj]:
+@dataclass(frozen=True)
+class Mix:
+    """How captions are drawn: the weights of 1-, 2- and 3-object captions and how often an object
+    names its position. The default is the evaluation's mix (held-out captions and scenes)."""
+
+    counts: tuple[float, float, float] = (3, 4, 3)
+    p_position: float = 0.6
+
+
+EVALUATION_MIX = Mix()
+
+
+def sample_objects(rng: random.Random, heldout: bool | None = False, mix: Mix = EVALUATION_MIX) -> list[Obj]:
     """A random list of 1–3 objects; `heldout` True/False keeps only held-out/training ones, None any."""
     while True:
-        n = rng.choices((1, 2, 3), weights=(3, 4, 3))[0]
+        n = rng.choices((1, 2, 3), weights=mix.counts)[0]
         colours = rng.sample(list(COLOURS), n)
         positions = rng.sample(POSITIONS, n)
         objects = [
-            Obj(c, rng.choice(SHAPES), rng.choice((None, *SIZES)), p if rng.random() < 0.6 else None)
+            Obj(c, rng.choice(SHAPES), rng.choice((None, *SIZES)), p if rng.random() < mix.p_position else None)
             for c, p in zip(colours, positions)
         ]
         if heldout is None or is_heldout(objects) == heldout:
@@ -187,18 +199,24 @@ def render(objects: list[Obj], rng: random.Random, size: int = 64) -> Scene:
     return Scene(caption_of(objects), list(objects), np.rint(image).astype(np.uint8), np.stack(masks))
 
 
-def sample_scenes(n: int, seed: int = 0, heldout: bool | None = False, size: int = 64) -> list[Scene]:
-    """`n` scenes, the same for the same seed; training scenes by default."""
+def sample_scenes(
+    n: int, seed: int = 0, heldout: bool | None = False, size: int = 64, mix: Mix = EVALUATION_MIX
+) -> list[Scene]:
+    """`n` scenes, the same for the same seed and mix; training scenes by default."""
     rng = random.Random(seed)
-    return [render(sample_objects(rng, heldout), rng, size) for _ in range(n)]
+    return [render(sample_objects(rng, heldout, mix), rng, size) for _ in range(n)]
+
+
+def sample_captions(n: int, seed: int = 1234, heldout: bool | None = True, mix: Mix = EVALUATION_MIX) -> list[str]:
+    """`n` distinct captions (held-out ones by default), the same for the same seed and mix."""
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        caption = caption_of(sample_objects(rng, heldout, mix))
+        if caption not in out:
+            out.append(caption)
+    return out
 
 
 def heldout_captions(n: int = 40, seed: int = 1234) -> list[str]:
     """`n` distinct held-out captions, the same for the same seed."""
-    rng, out = random.Random(seed), []
-    while len(out) < n:
-        objects = sample_objects(rng, heldout=True)
-        caption = caption_of(objects)
-        if caption not in out:
-            out.append(caption)
-    return out
+    return sample_captions(n, seed)
