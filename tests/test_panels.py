@@ -439,7 +439,14 @@ def test_the_built_in_models_note_says_how_often_it_follows_the_words_from_its_e
     }
     (tmp_path / "evaluation.json").write_text(json.dumps(figures))
     note = generate.toy_reliability(tmp_path)
-    for text in ("colours 100%", "red with yellow 25%", "shapes 92%", "positions 50%", "sizes 88%", "40% of the time"):
+    for text in (
+        "colours 100%",
+        "red with yellow 25%",
+        "shapes 92% (chance: 33%)",
+        "positions 50%",
+        "sizes 88%",
+        "40% of the time",
+    ):
         assert text in note, (text, note)
     (tmp_path / "evaluation.json").write_text("{")
     assert generate.toy_reliability(tmp_path) == ""  # unreadable: no claim, no crash

@@ -255,7 +255,7 @@ def toy_reliability(folder: Path) -> str:
         parts = [
             f"colours {g['all_colours_present_other']:.0%}",
             f"red with yellow {g['all_colours_present_unseen_colour_set']:.0%}",
-            f"shapes {g['shape_correct']:.0%}",
+            f"shapes {g['shape_correct']:.0%} (chance: 33%)",
             f"positions {g['position_correct']:.0%}",
             f"sizes {g['size_correct']:.0%}",
         ]
