@@ -151,6 +151,10 @@ def measure_dtypes(family: str, full: bool, size: int, steps: int, repeats: int,
 def measure_app(steps: int, repeats: int, prompt: str) -> dict:
     """Library vs app round trip for one generation of the built-in model, and the cost of a re-render.
 
+    The library run records what the app's run records by default (the research records `keep_queries`
+    and `self_attention` included), so the ratio is what the page adds; `library_plain` is the library's
+    own default, without them.
+
     The app is timed through `gradio_client` twice: until the response has arrived (images as
     URLs; `Client(download_files=False)`), and with the client downloading the images too (the
     default `Client`). A no-op endpoint on a bare Gradio server gives the floor of a round trip.
@@ -181,7 +185,8 @@ def measure_app(steps: int, repeats: int, prompt: str) -> dict:
                 random_seed=False, width=64, height=64, keep_heads=False)  # fmt: skip
     view = dict(negative=False, opacity=0.5, colormap="jet", from_step=1, to_step=steps, blocks=["down", "mid", "up"],
                 resolutions=[], layers=[], head=-1)  # fmt: skip
-    times = {key: [] for key in ("library", "app", "app_download", "handler", "heatmap", "heatmap_download", "echo")}
+    times = {key: [] for key in ("library", "library_plain", "app", "app_download", "handler", "heatmap",
+                                 "heatmap_download", "echo")}  # fmt: skip
 
     def timed(key, fn):
         start = time.perf_counter()
@@ -193,11 +198,16 @@ def measure_app(steps: int, repeats: int, prompt: str) -> dict:
         client.predict(**form, api_name="/generate")  # warm-up: first requests pay for imports and caches
         fetching.predict(**form, api_name="/generate")
         for i in range(repeats):
-            order = ["library", "app", "app_download"]
-            for key in order[i % 3 :] + order[: i % 3]:  # rotate which goes first, so drift cancels
+            order = ["library", "library_plain", "app", "app_download"]
+            for key in order[i % 4 :] + order[: i % 4]:  # rotate which goes first, so drift cancels
                 if key == "library":
                     with models.using("toy"):
-                        image, run = timed(key, lambda: generate(pipe, settings))
+                        image, run = timed(
+                            key, lambda: generate(pipe, settings, keep_queries=True, self_attention=True)
+                        )
+                elif key == "library_plain":
+                    with models.using("toy"):
+                        timed(key, lambda: generate(pipe, settings))
                 else:
                     caller = client if key == "app" else fetching
                     timed(key, lambda caller=caller: caller.predict(**form, api_name="/generate"))
@@ -216,7 +226,7 @@ def measure_app(steps: int, repeats: int, prompt: str) -> dict:
     med = {key: statistics.median(values) for key, values in times.items()}
     return {
         "steps": steps, "repeats": repeats, "threads": torch.get_num_threads(), "prompt": prompt,
-        "library_median_s": med["library"], "app_median_s": med["app"],
+        "library_median_s": med["library"], "library_plain_median_s": med["library_plain"], "app_median_s": med["app"],
         "app_download_median_s": med["app_download"], "app_over_library": med["app"] / med["library"],
         "app_download_over_library": med["app_download"] / med["library"],
         "heatmap_handler_median_ms": 1000 * med["handler"], "heatmap_round_trip_median_ms": 1000 * med["heatmap"],
@@ -472,7 +482,8 @@ def main(argv=None) -> int:
             f"built-in model, {fig['steps']} steps, {fig['threads']} threads, {fig['repeats']} interleaved runs each:\n"
             f"  library generate {fig['library_median_s']:.2f} s; app /generate {fig['app_median_s']:.2f} s "
             f"(×{fig['app_over_library']:.2f}), {fig['app_download_median_s']:.2f} s with the client downloading "
-            f"the images (×{fig['app_download_over_library']:.2f})\n"
+            f"the images (×{fig['app_download_over_library']:.2f}); the library without the research records "
+            f"(its default): {fig['library_plain_median_s']:.2f} s\n"
             f"  /heatmap: {fig['heatmap_handler_median_ms']:.1f} ms in the handler, "
             f"{fig['heatmap_round_trip_median_ms']:.0f} ms round trip ({fig['heatmap_download_median_ms']:.0f} ms "
             f"with the download); a bare Gradio no-op round trip: {fig['gradio_floor_median_ms']:.0f} ms"
