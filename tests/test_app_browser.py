@@ -5,6 +5,7 @@ Screenshots go to artifacts/screenshots/ (git-ignored); look at them after a cha
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -26,8 +27,9 @@ pytestmark = pytest.mark.browser
 SHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
 
 
-@pytest.fixture(scope="module")
-def page(app_server):
+@contextlib.contextmanager
+def chromium():
+    """Debian's Chromium under Playwright, with the screenshots' folder made; every browser test starts here."""
     if not Path(CHROMIUM).exists():
         pytest.fail(
             f"Chromium is missing at {CHROMIUM}: run `apt-get update && apt-get install -y chromium` "
@@ -38,12 +40,25 @@ def page(app_server):
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 1000})
-        page.set_default_timeout(30_000)
-        page.goto(app_server.url)
-        page.wait_for_selector("#sdviz-prompt textarea")
-        yield page
-        browser.close()
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def open_app(browser, url: str, width: int = 1440, height: int = 1000, timeout_ms: int = 30_000):
+    """A new page at `url`, once the prompt box is there."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.set_default_timeout(timeout_ms)
+    page.goto(url)
+    page.wait_for_selector("#sdviz-prompt textarea")
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(app_server):
+    with chromium() as browser:
+        yield open_app(browser, app_server.url)
 
 
 def src(page, selector: str) -> str | None:

@@ -4,12 +4,11 @@ image (move the timestep, upload a picture, sweep the loss) and the lesson. Scre
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from test_app_browser import ARGS, CHROMIUM, SHOTS, set_slider, src, wait_image_changes
+from test_app_browser import SHOTS, chromium, open_app, set_slider, src, wait_image_changes
 
 pytestmark = pytest.mark.browser
 PROMPT = "a red circle on the left and a blue square on the right"
@@ -17,24 +16,14 @@ PROMPT = "a red circle on the left and a blue square on the right"
 
 @pytest.fixture(scope="module")
 def page(app_server):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium is missing at {CHROMIUM}: run `apt-get update && apt-get install -y chromium`")
-    from playwright.sync_api import sync_playwright
-
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 1000})
-        page.set_default_timeout(30_000)
-        page.goto(app_server.url)
-        page.wait_for_selector("#sdviz-prompt textarea")
+    with chromium() as browser:
+        page = open_app(browser, app_server.url)
         page.fill("#sdviz-prompt textarea", PROMPT)
         set_slider(page, "sdviz-steps", 12)
         page.click("#sdviz-generate")
         page.wait_for_function("() => document.querySelector('#sdviz-progress').innerText.includes('Done:')",
                                timeout=120_000)  # fmt: skip
         yield page
-        browser.close()
 
 
 def shot(page, name: str, selector: str):

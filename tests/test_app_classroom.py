@@ -4,32 +4,21 @@ a second Generate, typed filter values, narrow screens. Screenshots go to artifa
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
-from test_app_browser import ARGS, CHROMIUM, SHOTS, set_slider
+from test_app_browser import SHOTS, chromium, open_app, set_slider
 
 pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
 def browser(app_server):
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium is missing at {CHROMIUM}: run `apt-get install -y chromium`")
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 def open_page(browser, app_server, width: int, height: int):
-    page = browser.new_page(viewport={"width": width, "height": height})
-    page.set_default_timeout(60_000)
-    page.goto(app_server.url)
-    page.wait_for_selector("#sdviz-prompt textarea")
+    page = open_app(browser, app_server.url, width, height, timeout_ms=60_000)
     page.wait_for_selector("#sdviz-words", state="attached")
     time.sleep(0.5)  # fonts and layout settle
     return page

@@ -4,28 +4,18 @@ an uploaded image explained. Screenshots go to artifacts/screenshots/ (git-ignor
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_app_browser import ARGS, CHROMIUM, SHOTS, src, wait_image_changes
+from test_app_browser import SHOTS, chromium, open_app, src, wait_image_changes
 
 pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
 def page(app_server):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium is missing at {CHROMIUM}: run `apt-get update && apt-get install -y chromium`")
-    from playwright.sync_api import sync_playwright
-
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1440, "height": 1000})
-        page.set_default_timeout(60_000)
-        page.goto(app_server.url)
-        page.wait_for_selector("#sdviz-prompt textarea")
+    with chromium() as browser:
+        page = open_app(browser, app_server.url, timeout_ms=60_000)
         page.fill("#sdviz-prompt textarea", "a red circle on the left and a blue square on the right")
         page.click("#sdviz-generate")
         deadline = time.monotonic() + 120
@@ -33,7 +23,6 @@ def page(app_server):
             time.sleep(0.1)
         page.wait_for_selector("#sdviz-heatmap img")
         yield page
-        browser.close()
 
 
 def text_box(page, elem_id: str):

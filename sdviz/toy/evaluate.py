@@ -609,6 +609,15 @@ def probe_table(r: dict) -> str:
     )
 
 
+def load_model(folder: str | None):
+    """The pipeline in `folder` (a checkpoint, another run), or the shipped model for None."""
+    if folder is None:
+        return sdviz.load_pipeline("toy")
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(folder)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m sdviz.toy.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -628,12 +637,7 @@ def main(argv=None) -> None:
     )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.model:
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline.from_pretrained(args.model)
-    else:
-        pipe = sdviz.load_pipeline("toy")
+    pipe = load_model(args.model)
     if args.probe:
         pipe.set_progress_bar_config(disable=True)
         captions = world.sample_captions(args.captions, heldout=None, mix=PROBE_MIX)

@@ -20,6 +20,7 @@ import torch
 
 import sdviz
 from sdviz.toy import world
+from sdviz.toy.evaluate import load_model
 
 KINDS = {
     "colour": tuple(world.COLOURS),
@@ -176,12 +177,7 @@ def main(argv=None) -> None:
     )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.model:
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline.from_pretrained(args.model)
-    else:
-        pipe = sdviz.load_pipeline("toy")
+    pipe = load_model(args.model)
     pipe.set_progress_bar_config(disable=True)
     print("text encoder: distance between input embeddings / change of the token vector at the swapped word /")
     print("mean change at the padding, when one word of the kind is swapped (token vectors' norm for scale)")

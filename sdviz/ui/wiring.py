@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from ..loading import ModelUnavailableError
+from . import texts
 from .models import Models
 
 PIPELINE = "pipeline"  # concurrency id of every event that runs a model: one at a time per process
@@ -34,6 +35,13 @@ def user_error(err: BaseException) -> gr.Error:
     """A teaching message for the page: titled as advice, gone after a few seconds (so old ones don't pile
     up), and kept out of the server log, where it would look like a fault."""
     return gr.Error(message(err), duration=6, title="Not yet", print_exception=False)
+
+
+def drawn(elem_id: str, label: str | None = None, **options) -> gr.Image:
+    """A picture the page draws (a figure with its own title, or with a caption above it): not an input, PNG so
+    thin lines and small text stay sharp, and no floating label over it (`label` still names it to screen
+    readers). `options`: the rest of gr.Image's (height, buttons, visible…)."""
+    return gr.Image(label=label, show_label=False, interactive=False, format="png", elem_id=elem_id, **options)
 
 
 def handler(fn, outputs: dict | None = None, **bound):
@@ -147,6 +155,25 @@ class StopRequests:
         with self._lock:
             if self._flags.get(session_hash or "") is flag:
                 del self._flags[session_hash or ""]
+
+
+def stop_run(request: gr.Request, *, stops: StopRequests, stopping: str) -> dict:
+    """Ask this browser session's run to stop after its current step, saying `stopping` in its progress bar
+    (left as it is when nothing runs)."""
+    if stops.stop(getattr(request, "session_hash", None)):
+        return {"progress": texts.progress_html(0, 1, 0, stopping)}
+    return {"progress": gr.skip()}
+
+
+def wire_stop(button: gr.Button, progress, stops: StopRequests, stopping: str = "Stopping after this step…"):
+    """A Stop button for the run that writes `progress`; off the queue, so it is heard while that run holds it."""
+    button.click(
+        handler(stop_run, {"progress": progress}, stops=stops, stopping=stopping),
+        None,
+        progress,
+        api_visibility="private",
+        queue=False,
+    )
 
 
 @dataclass

@@ -9,7 +9,7 @@ from ... import anatomy as take_apart
 from ... import render
 from ... import settings as check
 from ..session import require
-from ..wiring import App, handler
+from ..wiring import App, drawn, handler
 
 TITLE, ID = "Inside the step", "steps"  # lives in the step-by-step tab
 
@@ -51,20 +51,9 @@ class Panel:
     def __init__(self, app: App):
         gr.Markdown(EXPLAIN, elem_classes="sdviz-explain", elem_id="sdviz-anatomy-explain")
         self.formula = gr.Markdown(elem_id="sdviz-anatomy-formula")
-        self.figure = gr.Image(
-            show_label=False,
-            interactive=False,
-            format="png",
-            elem_id="sdviz-anatomy",
-            buttons=["download", "fullscreen"],
-        )
+        self.figure = drawn("sdviz-anatomy", buttons=["download", "fullscreen"])
         self.no_guidance = gr.Markdown(NO_GUIDANCE, visible=False)
-        self.guidance = gr.Image(
-            show_label=False,
-            interactive=False,
-            format="png",
-            elem_id="sdviz-guidance",
-        )
+        self.guidance = drawn("sdviz-guidance")
 
     def outputs(self) -> dict:
         return {

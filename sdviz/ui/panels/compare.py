@@ -22,7 +22,7 @@ from ..inputs import settings_from_form
 from ..models import Models
 from ..session import strongest_word
 from ..streaming import Compared, Tick, VariantDone, compare_streaming
-from ..wiring import PIPELINE, STATE_TTL_S, App, StopRequests, handler, pipeline_errors, zero_gpu
+from ..wiring import PIPELINE, STATE_TTL_S, App, StopRequests, drawn, handler, pipeline_errors, wire_stop, zero_gpu
 
 TITLE, ID = "Compare", "compare"
 
@@ -308,12 +308,6 @@ def view(word: str, step: float, exact_decode: bool, comparison, *, models: Mode
     return {"figure": draw(require_comparison(comparison), word, step, exact_decode, models)}
 
 
-def stop(request: gr.Request, *, stops: StopRequests) -> dict:
-    if stops.stop(getattr(request, "session_hash", None)):
-        return {"progress": texts.progress_html(0, 1, 0, "Stopping after this step…")}
-    return {"progress": gr.skip()}
-
-
 def switch_mode(mode: str, vary: str) -> dict:
     pair = mode == "pair"
     # The word picked for the other mode's runs is cleared: a pair shows its changed words first.
@@ -414,14 +408,7 @@ class Panel:
             )
         self.notes = gr.Markdown(elem_id="sdviz-cmp-notes")
         # No floating label: it would cover the columns' titles (the rows are labelled in the figure).
-        self.figure = gr.Image(
-            label="Side by side",
-            show_label=False,
-            interactive=False,
-            format="png",
-            elem_id="sdviz-cmp-figure",
-            buttons=["download", "fullscreen"],
-        )
+        self.figure = drawn("sdviz-cmp-figure", "Side by side", buttons=["download", "fullscreen"])
         self.comparison = gr.State(None, time_to_live=STATE_TTL_S)
 
     def wire(self, app: App):
@@ -472,13 +459,7 @@ class Panel:
             show_progress="minimal",
             show_progress_on=[self.progress],
         )
-        self.stop.click(
-            handler(stop, {"progress": self.progress}, stops=app.stops),
-            None,
-            self.progress,
-            api_visibility="private",
-            queue=False,
-        )
+        wire_stop(self.stop, self.progress, app.stops)
         gr.on(
             [app.form.prompt.change, app.form.model.change],
             handler(prompt_choices, {"word": self.word}, models=app.models),

@@ -13,7 +13,7 @@ from ... import render
 from ...explain import DEFAULT_TIMESTEPS, explain_image
 from ...settings import whole_number
 from ..models import Models
-from ..wiring import PIPELINE, App, handler, pipeline_errors, zero_gpu
+from ..wiring import PIPELINE, App, drawn, handler, pipeline_errors, zero_gpu
 from .research_words import parse_words
 
 TITLE, ID = "Explain an image", "explain"
@@ -125,8 +125,7 @@ class Panel:
         self.note = gr.Markdown("", elem_id="sdviz-explain-note")
         with gr.Row():
             # No label drawn over the picture: it would hide the first map's title.
-            self.maps = gr.Image(label="Where the words land", show_label=False, interactive=False, format="png",
-                                 elem_id="sdviz-explain-maps")  # fmt: skip
+            self.maps = drawn("sdviz-explain-maps", "Where the words land")
             self.scores = gr.Markdown("", elem_id="sdviz-explain-scores")
 
     def wire(self, app: App):

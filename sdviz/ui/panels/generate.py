@@ -24,7 +24,7 @@ from ..inputs import max_side, notes_before, settings_from_form
 from ..models import Models
 from ..session import Session, filters_from_form, heatmap_image, require, unknown_words, words_of
 from ..streaming import PREVIEW_WIDTH, Done, Stopped, generate_streaming
-from ..wiring import PIPELINE, App, Form, StopRequests, handler, pipeline_errors, zero_gpu
+from ..wiring import PIPELINE, App, Form, StopRequests, handler, pipeline_errors, wire_stop, zero_gpu
 
 EXPLAIN = """**What Generate does.** The text encoder turns your prompt into 77 token vectors. Starting from
 random noise (fixed by the seed), the U-Net predicts the noise in the latent at every step and the
@@ -181,13 +181,6 @@ def open_trace(file, session, *, models: Models) -> dict:
     out["seed_used"] = "(saved trace)"
     out["progress"] = texts.progress_html(1, 1, 0, f"Opened {Path(path).name}: {run.num_steps} steps")
     return out
-
-
-def stop(request: gr.Request, *, stops: StopRequests) -> dict:
-    """Ask this browser session's run to stop after its current step."""
-    if stops.stop(getattr(request, "session_hash", None)):
-        return {"progress": texts.progress_html(0, 1, 0, "Stopping after this step…")}
-    return {"progress": gr.skip()}
 
 
 def downloads(
@@ -480,13 +473,7 @@ class Panel:
             show_progress_on=[self.progress],
         )
         app.new_run.append(generation)
-        self.stop.click(
-            handler(stop, {"progress": self.progress}, stops=app.stops),
-            None,
-            self.progress,
-            api_visibility="private",
-            queue=False,
-        )
+        wire_stop(self.stop, self.progress, app.stops)
         files_in = [app.word, *app.view.inputs(), app.session]
         # preprocess=False: the word chips' choices are per session (see words.py)
         self.files_button.click(

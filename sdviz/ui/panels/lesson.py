@@ -15,7 +15,7 @@ from PIL import Image
 from ... import anatomy, render
 from ...preview import latent_to_rgb
 from ..session import Session, require, strongest_word
-from ..wiring import App, handler
+from ..wiring import App, drawn, handler
 from . import noise, steps, text_encoder, words
 
 TITLE, ID = "Lesson", "lesson"
@@ -262,7 +262,7 @@ class Panel:
         self.text = gr.Markdown(
             "_Generate an image first: the lesson is told with your run._", elem_id="sdviz-lesson-text"
         )
-        self.picture = gr.Image(interactive=False, format="png", show_label=False, elem_id="sdviz-lesson-picture")
+        self.picture = drawn("sdviz-lesson-picture")
         self.open = gr.Button("Explore this →", elem_id="sdviz-lesson-open")
 
     def wire(self, app: App):

@@ -20,7 +20,7 @@ from .. import texts
 from ..models import Models
 from ..session import require
 from ..streaming import Throttle, Worker
-from ..wiring import PIPELINE, App, StopRequests, handler, pipeline_errors, zero_gpu
+from ..wiring import PIPELINE, App, StopRequests, drawn, handler, pipeline_errors, wire_stop, zero_gpu
 
 TITLE, ID = "Noise an image", "noise"
 POINTS = 20  # timesteps in a loss sweep: one U-Net call each
@@ -187,12 +187,6 @@ def loss_curve(
     yield {**update(f"{done} in {time.perf_counter() - start:.1f} s"), "verdict": verdict(points, labels, stopped)}
 
 
-def stop(request: gr.Request, *, stops: StopRequests) -> dict:
-    if stops.stop(getattr(request, "session_hash", None)):
-        return {"progress": texts.progress_html(0, 1, 0, "Stopping after this timestep…")}
-    return {"progress": gr.skip()}
-
-
 # -- layout and wiring ------------------------------------------------------------------------------
 class Panel:
     def __init__(self, app: App):
@@ -201,9 +195,6 @@ class Panel:
         def picture(label, elem_id):
             return gr.Image(label=label, interactive=False, elem_id=elem_id, elem_classes="sdviz-fill", format="png",
                             height=170, min_width=110)  # fmt: skip
-
-        def figure(elem_id, **kw):  # a plot with its own title: no label over it
-            return gr.Image(interactive=False, format="png", show_label=False, elem_id=elem_id, **kw)
 
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=300):
@@ -235,8 +226,8 @@ class Panel:
                     self.x0_decoded = picture("x0 decoded", "sdviz-noise-x0")
                 gr.Markdown(NOISE, elem_classes="sdviz-explain")
                 with gr.Row():
-                    self.noise_figure = figure("sdviz-noise-cmp", scale=3)
-                    self.schedule = figure("sdviz-noise-schedule", scale=4)
+                    self.noise_figure = drawn("sdviz-noise-cmp", scale=3)
+                    self.schedule = drawn("sdviz-noise-schedule", scale=4)
         with gr.Row():
             self.sweep = gr.Button(
                 f"Loss against t ({POINTS} timesteps, one U-Net call each)", variant="primary",
@@ -245,7 +236,7 @@ class Panel:
             self.stop = gr.Button("Stop", variant="stop", elem_id="sdviz-noise-stop")
         self.progress = gr.HTML(texts.progress_html(0, 1, 0, "Ready"), elem_id="sdviz-noise-progress")
         self.verdict = gr.Markdown(elem_id="sdviz-noise-verdict")
-        self.loss_plot = figure("sdviz-noise-loss")
+        self.loss_plot = drawn("sdviz-noise-loss")
 
     def wire(self, app: App):
         out = {
@@ -289,10 +280,4 @@ class Panel:
             concurrency_limit=1,
             show_progress="hidden",
         )
-        self.stop.click(
-            handler(stop, {"progress": self.progress}, stops=app.stops),
-            None,
-            self.progress,
-            api_visibility="private",
-            queue=False,
-        )
+        wire_stop(self.stop, self.progress, app.stops, "Stopping after this timestep…")

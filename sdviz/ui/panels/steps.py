@@ -12,7 +12,7 @@ from ... import settings as check
 from ...preview import Previewer
 from ..models import Models
 from ..session import Session, filters_from_form, heatmap_image, require
-from ..wiring import App, handler, zero_gpu
+from ..wiring import App, drawn, handler, zero_gpu
 
 TITLE, ID = "Steps", "steps"
 SPEEDS = [("slow (1.5 s a step)", 1.5), ("normal (0.7 s)", 0.7), ("fast (0.3 s)", 0.3)]
@@ -222,14 +222,7 @@ class Panel:
             self.z_rgb = picture("z[0:3] as RGB", "sdviz-zrgb", height=220, format="png")
             self.z_channels = picture("every channel of z, in grey", "sdviz-zchannels", height=220, format="png")
         self.strip_caption = gr.Markdown("**x0 from noise to picture**", elem_classes="sdviz-caption")
-        self.strip = gr.Image(
-            label="x0 at every step",
-            show_label=False,
-            interactive=False,
-            elem_id="sdviz-strip",
-            format="png",
-            buttons=["download", "fullscreen"],
-        )
+        self.strip = drawn("sdviz-strip", "x0 at every step", buttons=["download", "fullscreen"])
         gr.Markdown(SCHEDULE, elem_classes="sdviz-explain")
         self.schedule = gr.Image(label="Noise schedule", interactive=False, elem_id="sdviz-schedule", format="png")
         app.step = self.step  # panels placed below this one follow the slider

@@ -8,7 +8,7 @@ import numpy as np
 
 from ... import render
 from ..session import require
-from ..wiring import App, handler
+from ..wiring import App, drawn, handler
 
 TITLE, ID = "Words → vectors", "vectors"
 
@@ -75,13 +75,7 @@ class Panel:
     def __init__(self, app: App):
         gr.Markdown(EXPLAIN, elem_classes="sdviz-explain")
         self.negative = gr.Checkbox(False, label="Show the negative prompt's vectors (the “without the prompt” half)")
-        self.embedding = gr.Image(
-            show_label=False,
-            interactive=False,
-            format="png",
-            elem_id="sdviz-embedding",
-            buttons=["download", "fullscreen"],
-        )
+        self.embedding = drawn("sdviz-embedding", buttons=["download", "fullscreen"])
         with gr.Row():
             self.similarity = gr.Image(
                 show_label=False, interactive=False, format="png", elem_id="sdviz-similarity", scale=1

@@ -19,7 +19,7 @@ from ..session import (
     strongest_word,
     words_of,
 )
-from ..wiring import App, View, handler
+from ..wiring import App, View, drawn, handler
 from . import research_words
 
 TITLE, ID = "Words → places", "words"
@@ -255,25 +255,11 @@ class Panel:
         with gr.Row():
             with gr.Column():
                 self.caption = gr.Markdown("Heatmap over the final image", elem_id="sdviz-heatmap-caption")
-                self.heatmap = gr.Image(
-                    label="Heatmap over the final image",
-                    show_label=False,
-                    interactive=False,
-                    format="png",
-                    elem_id="sdviz-heatmap",
-                    height=360,
-                    buttons=["download", "fullscreen"],
+                self.heatmap = drawn(
+                    "sdviz-heatmap", "Heatmap over the final image", height=360, buttons=["download", "fullscreen"]
                 )
             with gr.Column():
-                self.grid = gr.Image(
-                    label="All words",
-                    show_label=False,
-                    interactive=False,
-                    format="png",
-                    elem_id="sdviz-grid",
-                    height=360,
-                    buttons=["download", "fullscreen"],
-                )
+                self.grid = drawn("sdviz-grid", "All words", height=360, buttons=["download", "fullscreen"])
                 self.one_scale = gr.Checkbox(
                     True, label="One colour scale for all words (a faint word looks faint)", elem_id="sdviz-one-scale"
                 )
