@@ -339,6 +339,46 @@ def test_attention_losses_of_detached_words_train_the_unet_but_not_the_text_enco
     assert (text.grad.abs().sum() > 0) != detached
 
 
+def test_shape_word_loss_reads_only_shape_words_and_is_low_only_when_their_vectors_lie_apart():
+    tokenizer = train.world_tokenizer()
+    shape_of = train.word_classes(tokenizer, world.SHAPES)
+    tok = tokenizer(
+        ["a red circle and a blue triangle", "a large green square on the left", ""],
+        padding="max_length",
+        max_length=77,
+        return_tensors="pt",
+    ).input_ids
+    labels = shape_of[tok]
+    assert [labels[i][labels[i] >= 0].tolist() for i in range(3)] == [[0, 2], [1], []]
+    directions = train.class_directions(8, 3, seed=0)
+    assert torch.allclose(directions @ directions.T, torch.eye(3), atol=1e-5)
+    cond = torch.randn(3, 77, 8) * 0.01  # every word nearly the same vector: chance, ln 3
+    assert abs(train.shape_word_loss(cond, tok, shape_of, directions).item() - np.log(3)) < 0.05
+    apart = cond.clone()
+    apart[labels >= 0] = 6 * directions[labels[labels >= 0]]  # each shape word along its own direction
+    apart[labels < 0] = 6 * directions[0]  # what other words are does not count
+    assert train.shape_word_loss(apart, tok, shape_of, directions).item() < 0.01
+    swapped = apart.clone()
+    swapped[labels >= 0] = 6 * directions[(labels[labels >= 0] + 1) % 3]
+    assert train.shape_word_loss(swapped, tok, shape_of, directions).item() > 5
+    assert train.shape_word_loss(cond[2:], tok[2:], shape_of, directions).item() == 0  # no shape word
+
+
+def test_quick_training_with_the_shape_loss_logs_it_and_it_trains_the_text_encoder(tmp_path):
+    train.main(["--quick", "--out", str(tmp_path), "--shape-loss", "1"])
+    unet_steps = [r for r in map(json.loads, (tmp_path / "train_log.jsonl").read_text().splitlines()) if "shape" in r]
+    assert [r["step"] for r in unet_steps] == [0, 2] and all(r["shape"] > 0 for r in unet_steps)
+    tokenizer = train.world_tokenizer()
+    text_encoder = train.build_text_encoder(tokenizer, 16)
+    tok = tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    cond = text_encoder(tok).last_hidden_state
+    shape_of, directions = train.word_classes(tokenizer, world.SHAPES), train.class_directions(16, 3, 0)
+    train.shape_word_loss(cond, tok, shape_of, directions).backward()
+    grads = text_encoder.get_input_embeddings().weight.grad.abs().sum(1)  # [vocabulary]
+    assert grads[tok[0, 3]] > 0  # "circle"'s own embedding
+    assert grads[tok[0, 4:]].sum() == 0  # the tokens after it (causal attention): untouched
+
+
 def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     train.main(["--quick", "--out", str(whole), "--save-every", "2"])
