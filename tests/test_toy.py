@@ -379,6 +379,31 @@ def test_quick_training_with_the_shape_loss_logs_it_and_it_trains_the_text_encod
     assert grads[tok[0, 4:]].sum() == 0  # the tokens after it (causal attention): untouched
 
 
+def test_shape_read_loss_is_zero_once_an_objects_pixels_give_its_word_the_target_share():
+    class Probe:  # a layer whose 4×4 pixels' attention over 77 tokens is given
+        def __init__(self, probs):
+            self.probs = self.probs_detached = probs
+
+    owner, reads = torch.full((1, 77), -1), torch.zeros(1, 77, dtype=torch.bool)
+    owner[0, 3], reads[0, 3] = 0, True  # token 3 names object 0 and is read
+    owner[0, 2] = 0  # token 2 names it too but is not scored
+    masks = torch.zeros(1, 3, 4, 4)
+    masks[0, 0, :2, :2] = 1  # object 0: the top-left 2×2 pixels
+    inside = masks[0, 0].flatten().bool()
+
+    def loss(share_inside, share_outside=0.0):
+        probs = torch.full((2, 16, 77), 0.0)  # 2 heads
+        probs[:, :, 0] = 1.0
+        probs[:, inside, 3], probs[:, ~inside, 3] = share_inside, share_outside
+        return train.word_read_loss([Probe(probs)], reads, owner, masks, target=0.25).item()
+
+    assert loss(0.0) == pytest.approx(1.0)
+    assert loss(0.125) == pytest.approx(0.25)  # half the target: (1 - 1/2)²
+    assert loss(0.25) == 0 and loss(0.9) == 0
+    assert loss(0.0, share_outside=0.9) == pytest.approx(1.0)  # only the object's own pixels count
+    assert train.word_read_loss([Probe(torch.zeros(2, 16, 77))], reads & False, owner, masks, 0.25).item() == 0
+
+
 def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     train.main(["--quick", "--out", str(whole), "--save-every", "2"])
