@@ -16,7 +16,7 @@ from diffusers.models.attention_processor import Attention  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import sdviz  # noqa: E402
-from sdviz.toy import evaluate, train, world  # noqa: E402
+from sdviz.toy import evaluate, probe, train, world  # noqa: E402
 
 MODEL = train.DEFAULT_OUT
 # What the shipped model scores on the tests below, less a margin (measured; see each test).
@@ -266,6 +266,12 @@ def test_a_shape_words_heatmap_peaks_inside_its_object(sampled):
             heat = run.heatmap(run.token_indices(word)[seen[word]], size=(64, 64))
             hits.append(bool(mask[np.unravel_index(heat.argmax(), heat.shape)]))
     assert len(hits) >= 15 and np.mean(hits) >= MIN_SHAPE_POINTING, f"{sum(hits)} of {len(hits)}"
+
+
+def test_the_shipped_text_encoders_shape_word_carries_the_colour_before_it_not_the_shape(pipe):
+    # The model card's "why shapes fail": 12.5 against 0.66. A model that gets its shapes fails this.
+    carried = probe.shape_word_contents(pipe)
+    assert carried["colour"] > 5 * carried["shape"] > 0, carried
 
 
 def test_changing_left_to_right_with_the_same_seed_moves_the_object(pipe):
