@@ -3,7 +3,8 @@
     python -m sdviz.toy.probe [--model sdviz/toy/model]
 
 Prints, per word kind (colour, shape, size, position): how far apart the text encoder puts the words of
-that kind (input embeddings, and the caption's token vectors when only that word changes), and the share
+that kind (input embeddings, and the caption's token vectors when only that word changes), how much of
+the colour before it a shape word's vector carries, and the share
 of cross-attention the words get in traced generations; then how much absolute position (the x
 coordinate) a linear read-out recovers from the features each cross-attention layer's queries come from,
 on noised held-out scenes: a UNet that can't tell left from right in its own features can't follow
@@ -65,6 +66,30 @@ def text_separation(pipe, n: int = 40, seed: int = 0) -> dict:
             "token_norm": float(np.mean(norms)),
         }
     return out
+
+
+@torch.no_grad()
+def shape_word_contents(pipe) -> dict:
+    """What the text encoder's vector at the shape word of "a <colour> <shape>" carries: its mean change
+    when the colour before it is swapped ("colour") and when the shape itself is ("shape"), over every
+    pair. The encoder is causal, so the shape word is where colour and shape first meet."""
+    words = [(c, s) for c in world.COLOURS for s in world.SHAPES]
+    batch = pipe.tokenizer(
+        [f"a {c} {s}" for c, s in words], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    h = dict(zip(words, pipe.text_encoder(batch).last_hidden_state[:, 3].float()))  # 3: after <|startoftext|> a
+
+    def mean_change(pairs):
+        return float(np.mean([(h[a] - h[b]).norm().item() for a, b in pairs]))
+
+    return {
+        "colour": mean_change(
+            [((a, s), (b, s)) for s in world.SHAPES for a in world.COLOURS for b in world.COLOURS if a < b]
+        ),
+        "shape": mean_change(
+            [((c, a), (c, b)) for c in world.COLOURS for a in world.SHAPES for b in world.SHAPES if a < b]
+        ),
+    }
 
 
 def attention_shares(pipe, captions, seed: int = 0) -> dict:
@@ -186,6 +211,11 @@ def main(argv=None) -> None:
             f"  {kind:8s} {r['embedding_distance']:.2f} / {r['change_at_word']:.2f} / {r['change_at_padding']:.2f}"
             f"   (norm {r['token_norm']:.1f})"
         )
+    carried = shape_word_contents(pipe)
+    print(
+        f'the shape word\'s vector in "a <colour> <shape>": change when the colour before it is swapped '
+        f"{carried['colour']:.2f}, when the shape is {carried['shape']:.2f}"
+    )
     shares = attention_shares(pipe, world.heldout_captions(8))
     print("share of cross-attention, 8 held-out captions: " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items()))
     print("absolute position: R² of x read linearly from each cross-attention layer's input, noised held-out scenes")
