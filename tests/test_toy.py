@@ -385,6 +385,52 @@ def test_quick_training_with_the_shape_loss_logs_it_and_it_trains_the_text_encod
     assert grads[tok[0, 4:]].sum() == 0  # the tokens after it (causal attention): untouched
 
 
+def test_colour_swap_redraws_only_colour_words_and_invariance_is_zero_only_if_shape_words_ignore_them():
+    tokenizer = train.world_tokenizer()
+    shape_of, colour_of = train.word_classes(tokenizer, world.SHAPES), train.word_classes(tokenizer, world.COLOURS)
+    captions = ["a red circle and a blue triangle", "a large green square on the left", ""]
+    tok = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([train.colour_swapped(tok, colour_of, gen) for _ in range(50)])  # [50, 3, 77]
+    is_colour = colour_of[tok] >= 0
+    assert is_colour.sum() == 3 and (draws[:, ~is_colour] == tok[~is_colour]).all()
+    drawn = {tokenizer.convert_ids_to_tokens(int(i)) for i in draws[:, is_colour].unique()}
+    assert drawn == {c + "</w>" for c in world.COLOURS}  # every colour, and only colours
+
+    cond = torch.randn(3, 77, 8)
+    other = torch.randn(3, 77, 8)  # every word's vector different...
+    at_shape = shape_of[tok] >= 0
+    other[at_shape] = cond[at_shape]  # ...except at the shape words
+    assert train.shape_invariance_loss(cond, other, tok, shape_of).item() == 0
+    other[at_shape] += 2.0
+    assert train.shape_invariance_loss(cond, other, tok, shape_of).item() == pytest.approx(4.0)
+    assert train.shape_invariance_loss(cond[2:], other[2:], tok[2:], shape_of).item() == 0  # no shape word
+
+    # A causal text encoder: the shape word after a colour depends on it, so the loss is > 0 and trains it.
+    text_encoder = train.build_text_encoder(tokenizer, 16)
+    one = tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    blue = one.clone()
+    blue[0, 2] = tokenizer.convert_tokens_to_ids("blue</w>")
+    a, b = (text_encoder(t).last_hidden_state for t in (one, blue))
+    loss = train.shape_invariance_loss(a, b, one, shape_of)
+    loss.backward()
+    grads = text_encoder.get_input_embeddings().weight.grad.abs().sum(1)
+    assert loss > 0 and grads[one[0, 2]] > 0 and grads[blue[0, 2]] > 0
+
+
+def test_quick_training_with_the_invariance_loss_logs_it_on_the_same_batches(tmp_path):
+    logs = []
+    for name, extra in (("plain", []), ("invariant", ["--shape-invariance", "1"])):
+        train.main(["--quick", "--out", str(tmp_path / name), *extra])
+        lines = (tmp_path / name / "train_log.jsonl").read_text().splitlines()
+        logs.append([r for r in map(json.loads, lines) if r.get("stage") == "unet"])
+    plain, invariant = logs
+    assert all(r["invariance"] > 0 for r in invariant) and "invariance" not in plain[0]
+    # Step 0 is scored before any update: the same batch, noise and timesteps give the same losses.
+    same = ("loss", "attn", "cover")
+    assert {k: plain[0][k] for k in same} == {k: invariant[0][k] for k in same}
+
+
 def test_shape_read_loss_is_zero_once_an_objects_pixels_give_its_word_the_target_share():
     class Probe:  # a layer whose 4×4 pixels' attention over 77 tokens is given
         def __init__(self, probs):
@@ -412,10 +458,12 @@ def test_shape_read_loss_is_zero_once_an_objects_pixels_give_its_word_the_target
 
 def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    train.main(["--quick", "--out", str(whole), "--save-every", "2"])
+    # With the invariance loss on, whose redrawn colours come from a generator of their own.
+    options = ["--quick", "--save-every", "2", "--shape-invariance", "1"]
+    train.main([*options, "--out", str(whole)])
     # A run stopped after its step-2 checkpoint: only its checkpoints folder is left.
     shutil.copytree(whole / "checkpoints", resumed / "checkpoints")
-    train.main(["--quick", "--out", str(resumed), "--save-every", "2", "--resume"])
+    train.main([*options, "--out", str(resumed), "--resume"])
     for part, name in (
         ("unet", "diffusion_pytorch_model"),
         ("text_encoder", "model"),
@@ -424,4 +472,4 @@ def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(tmp
         a, b = (load_file(d / part / f"{name}.safetensors") for d in (whole, resumed))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     with pytest.raises(SystemExit, match="p-position"):
-        train.main(["--quick", "--out", str(resumed), "--save-every", "2", "--resume", "--p-position", "0.9"])
+        train.main([*options, "--out", str(resumed), "--resume", "--p-position", "0.9"])

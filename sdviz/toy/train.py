@@ -301,6 +301,24 @@ def shape_word_loss(cond: torch.Tensor, tok: torch.Tensor, shape_of: torch.Tenso
     return F.cross_entropy(cond[labels >= 0] @ directions.T, labels[labels >= 0])
 
 
+def colour_swapped(tok: torch.Tensor, colour_of: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """`tok` [b, 77] with every colour word replaced by a colour drawn at random (`colour_of`: `word_classes`
+    of the colours), everything else as it was."""
+    colour_ids = (colour_of >= 0).nonzero()[:, 0][colour_of[colour_of >= 0].argsort()]  # [colours]
+    drawn = colour_ids[torch.randint(len(colour_ids), tok.shape, generator=gen)]
+    return torch.where(colour_of[tok] >= 0, drawn, tok)
+
+
+def shape_invariance_loss(cond: torch.Tensor, swapped: torch.Tensor, tok: torch.Tensor, shape_of: torch.Tensor):
+    """Mean squared difference (per channel) of the text encoder's output at each shape word between a caption
+    (`cond`) and the same caption with its colours redrawn (`swapped`, from `colour_swapped`): zero when what
+    the UNet reads at "circle" does not depend on the colour before it."""
+    at = shape_of[tok] >= 0
+    if not at.any():
+        return torch.zeros(())
+    return (cond[at] - swapped[at]).pow(2).mean()
+
+
 def word_read_loss(probes, reads: torch.Tensor, owner: torch.Tensor, masks: torch.Tensor, target: float):
     """How far the pixels of each object fall short of reading its shape word, averaged over words and layers.
 
@@ -321,14 +339,27 @@ def word_read_loss(probes, reads: torch.Tensor, owner: torch.Tensor, masks: torc
 
 
 def train_unet(
-    unet, text_encoder, latents, ids, owner, detach, masks, args, log, checkpoint=None, resume=None, shape_of=None
+    unet,
+    text_encoder,
+    latents,
+    ids,
+    owner,
+    detach,
+    masks,
+    args,
+    log,
+    checkpoint=None,
+    resume=None,
+    shape_of=None,
+    colour_of=None,
 ):
     """Returns EMA copies of (unet, text_encoder).
 
     Every `args.save_every` steps `checkpoint(step, ema_unet, ema_text, state)` gets EMA copies and the
     training state (weights, EMA, optimiser, step, sampler RNG); `resume`, such a state, continues a run
     exactly where it was saved. `shape_of` (`word_classes` of the shapes) is needed when
-    `args.shape_loss` is on.
+    `args.shape_loss`, `args.shape_read` or `args.shape_invariance` is on, `colour_of` (of the colours)
+    for `args.shape_invariance`.
     """
     sched = DDIMScheduler(**SD_SCHEDULE)
     directions = class_directions(text_encoder.config.hidden_size, len(world.SHAPES), args.seed + 3)
@@ -349,6 +380,8 @@ def train_unet(
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     gen = torch.Generator().manual_seed(args.seed + 1)
+    # The redrawn colours have a generator of their own, so the batches are the same with and without it.
+    swap_gen = torch.Generator().manual_seed(args.seed + 4)
     start = 0
     if resume is not None:
         unet.load_state_dict(resume["unet"])
@@ -357,6 +390,8 @@ def train_unet(
         ema_text.load_state_dict(resume["ema_text"])
         opt.load_state_dict(resume["optimizer"])
         gen.set_state(resume["generator"])
+        if "swap_generator" in resume:
+            swap_gen.set_state(resume["swap_generator"])
         start = resume["step"]
     unet.train(), text_encoder.train()
     bar = tqdm(range(start, args.steps), desc="UNet+text", mininterval=5, initial=start, total=args.steps)
@@ -384,10 +419,14 @@ def train_unet(
             err = err * pix / pix.mean((1, 2), keepdim=True)
         loss_mse = (w * err.mean((1, 2))).mean()
         loss = loss_mse
-        loss_attn = loss_cover = loss_shape = loss_read = torch.zeros(())
+        loss_attn = loss_cover = loss_shape = loss_read = loss_inv = torch.zeros(())
         if args.shape_loss:
             loss_shape = shape_word_loss(cond, tok, shape_of, directions)
             loss = loss + args.shape_loss * loss_shape
+        if args.shape_invariance:
+            swapped = text_encoder(colour_swapped(tok, colour_of, swap_gen)).last_hidden_state
+            loss_inv = shape_invariance_loss(cond, swapped, tok, shape_of)
+            loss = loss + args.shape_invariance * loss_inv
         if probes:
             targets = attention_targets(masks[idx])
             loss_attn, loss_cover = attention_loss(list(probes.values()), own, detach[idx], targets)
@@ -413,6 +452,7 @@ def train_unet(
                     "cover": round(loss_cover.item(), 4),
                     **({"shape": round(loss_shape.item(), 4)} if args.shape_loss else {}),
                     **({"read": round(loss_read.item(), 4)} if args.shape_read else {}),
+                    **({"invariance": round(loss_inv.item(), 4)} if args.shape_invariance else {}),
                 }
             )
             bar.set_postfix(
@@ -427,6 +467,7 @@ def train_unet(
                 "ema_text": ema_text.state_dict(),
                 "optimizer": opt.state_dict(),
                 "generator": gen.get_state(),
+                "swap_generator": swap_gen.get_state(),
             }
             snapshot = copy.deepcopy(ema_unet)
             snapshot.set_attn_processor(AttnProcessor2_0())
@@ -539,6 +580,13 @@ def parse_args(argv=None):
         type=float,
         default=0.25,
         help="share of an object's cross-attention its shape word should get (default: %(default)s)",
+    )
+    p.add_argument(
+        "--shape-invariance",
+        type=float,
+        default=0.0,
+        help="weight of a loss making the text encoder's output at a shape word the same whatever colour comes "
+        "before it (0: off; the model card: in the shipped model that vector is mostly the colour's)",
     )
     p.add_argument(
         "--attn-words",
@@ -737,6 +785,7 @@ def main(argv=None) -> None:
         checkpoint,
         state,
         shape_of=word_classes(tokenizer, world.SHAPES),
+        colour_of=word_classes(tokenizer, world.COLOURS),
     )
 
     # 5. Save the EMA weights as a diffusers pipeline, with the options and times.
