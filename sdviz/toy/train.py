@@ -359,7 +359,7 @@ def train_unet(
     training state (weights, EMA, optimiser, step, sampler RNG); `resume`, such a state, continues a run
     exactly where it was saved. `shape_of` (`word_classes` of the shapes) is needed when
     `args.shape_loss`, `args.shape_read` or `args.shape_invariance` is on, `colour_of` (of the colours)
-    for `args.shape_invariance`.
+    for `args.shape_invariance` and `args.colour_read`.
     """
     sched = DDIMScheduler(**SD_SCHEDULE)
     directions = class_directions(text_encoder.config.hidden_size, len(world.SHAPES), args.seed + 3)
@@ -370,7 +370,9 @@ def train_unet(
     probes = {}
     procs = {}
     for name in unet.attn_processors:
-        if name.endswith("attn2.processor") and (args.attn_loss > 0 or args.attn_cover > 0 or args.shape_read > 0):
+        if name.endswith("attn2.processor") and (
+            args.attn_loss > 0 or args.attn_cover > 0 or args.shape_read > 0 or args.colour_read > 0
+        ):
             probes[name] = procs[name] = ProbeProcessor()
         else:
             procs[name] = AttnProcessor2_0()
@@ -419,7 +421,7 @@ def train_unet(
             err = err * pix / pix.mean((1, 2), keepdim=True)
         loss_mse = (w * err.mean((1, 2))).mean()
         loss = loss_mse
-        loss_attn = loss_cover = loss_shape = loss_read = loss_inv = torch.zeros(())
+        loss_attn = loss_cover = loss_shape = loss_read = loss_inv = loss_colour_read = torch.zeros(())
         if args.shape_loss:
             loss_shape = shape_word_loss(cond, tok, shape_of, directions)
             loss = loss + args.shape_loss * loss_shape
@@ -435,6 +437,10 @@ def train_unet(
                 reads = (shape_of[tok] >= 0) & (own >= 0)
                 loss_read = word_read_loss(list(probes.values()), reads, own, targets, args.shape_read_target)
                 loss = loss + args.shape_read * loss_read
+            if args.colour_read:
+                reads = (colour_of[tok] >= 0) & (own >= 0)
+                loss_colour_read = word_read_loss(list(probes.values()), reads, own, targets, args.shape_read_target)
+                loss = loss + args.colour_read * loss_colour_read
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -453,6 +459,7 @@ def train_unet(
                     **({"shape": round(loss_shape.item(), 4)} if args.shape_loss else {}),
                     **({"read": round(loss_read.item(), 4)} if args.shape_read else {}),
                     **({"invariance": round(loss_inv.item(), 4)} if args.shape_invariance else {}),
+                    **({"colour_read": round(loss_colour_read.item(), 4)} if args.colour_read else {}),
                 }
             )
             bar.set_postfix(
@@ -580,6 +587,13 @@ def parse_args(argv=None):
         type=float,
         default=0.25,
         help="share of an object's cross-attention its shape word should get (default: %(default)s)",
+    )
+    p.add_argument(
+        "--colour-read",
+        type=float,
+        default=0.0,
+        help="weight of the --shape-read loss for colour words (same target): each object's pixels read its "
+        "colour word, whose vector (the text encoder is causal) does not depend on the shape after it (0: off)",
     )
     p.add_argument(
         "--shape-invariance",
