@@ -418,14 +418,15 @@ def test_colour_swap_redraws_only_colour_words_and_invariance_is_zero_only_if_sh
     assert loss > 0 and grads[one[0, 2]] > 0 and grads[blue[0, 2]] > 0
 
 
-def test_quick_training_with_the_invariance_loss_logs_it_on_the_same_batches(tmp_path):
+def test_quick_training_with_the_invariance_and_colour_read_losses_logs_them_on_the_same_batches(tmp_path):
     logs = []
-    for name, extra in (("plain", []), ("invariant", ["--shape-invariance", "1"])):
+    for name, extra in (("plain", []), ("invariant", ["--shape-invariance", "1", "--colour-read", "1"])):
         train.main(["--quick", "--out", str(tmp_path / name), *extra])
         lines = (tmp_path / name / "train_log.jsonl").read_text().splitlines()
         logs.append([r for r in map(json.loads, lines) if r.get("stage") == "unet"])
     plain, invariant = logs
-    assert all(r["invariance"] > 0 for r in invariant) and "invariance" not in plain[0]
+    assert all(r["invariance"] > 0 and r["colour_read"] > 0 for r in invariant)
+    assert "invariance" not in plain[0] and "colour_read" not in plain[0]
     # Step 0 is scored before any update: the same batch, noise and timesteps give the same losses.
     same = ("loss", "attn", "cover")
     assert {k: plain[0][k] for k in same} == {k: invariant[0][k] for k in same}
