@@ -338,6 +338,34 @@ def word_read_loss(probes, reads: torch.Tensor, owner: torch.Tensor, masks: torc
     return torch.stack(losses).mean()
 
 
+def add_caption_losses(loss, args, text_encoder, probes, cond, tok, own, detach, masks, words):
+    """`loss` plus the weighted losses on what the caption's words do, and those losses by log name.
+
+    The attention losses (`attn`, `cover`; zero without probes) are always there, then those of
+    `shape`, `invariance`, `read` and `colour_read` that `args` switches on. `tok`, `own`, `detach`,
+    `masks`: the batch's; `words`: (shape_of, colour_of, class directions, the colour-redrawing generator).
+    """
+    shape_of, colour_of, directions, swap_gen = words
+    terms = {"attn": torch.zeros(()), "cover": torch.zeros(())}
+    if args.shape_loss:
+        terms["shape"] = shape_word_loss(cond, tok, shape_of, directions)
+        loss = loss + args.shape_loss * terms["shape"]
+    if args.shape_invariance:
+        swapped = text_encoder(colour_swapped(tok, colour_of, swap_gen)).last_hidden_state
+        terms["invariance"] = shape_invariance_loss(cond, swapped, tok, shape_of)
+        loss = loss + args.shape_invariance * terms["invariance"]
+    if probes:
+        targets = attention_targets(masks)
+        terms["attn"], terms["cover"] = attention_loss(probes, own, detach, targets)
+        loss = loss + args.attn_loss * terms["attn"] + args.attn_cover * terms["cover"]
+        for name, weight, of in (("read", args.shape_read, shape_of), ("colour_read", args.colour_read, colour_of)):
+            if weight:
+                reads = (of[tok] >= 0) & (own >= 0)
+                terms[name] = word_read_loss(probes, reads, own, targets, args.shape_read_target)
+                loss = loss + weight * terms[name]
+    return loss, terms
+
+
 def train_unet(
     unet,
     text_encoder,
@@ -384,6 +412,7 @@ def train_unet(
     gen = torch.Generator().manual_seed(args.seed + 1)
     # The redrawn colours have a generator of their own, so the batches are the same with and without it.
     swap_gen = torch.Generator().manual_seed(args.seed + 4)
+    words = (shape_of, colour_of, directions, swap_gen)
     start = 0
     if resume is not None:
         unet.load_state_dict(resume["unet"])
@@ -420,27 +449,9 @@ def train_unet(
             pix = 1 + args.object_weight * near
             err = err * pix / pix.mean((1, 2), keepdim=True)
         loss_mse = (w * err.mean((1, 2))).mean()
-        loss = loss_mse
-        loss_attn = loss_cover = loss_shape = loss_read = loss_inv = loss_colour_read = torch.zeros(())
-        if args.shape_loss:
-            loss_shape = shape_word_loss(cond, tok, shape_of, directions)
-            loss = loss + args.shape_loss * loss_shape
-        if args.shape_invariance:
-            swapped = text_encoder(colour_swapped(tok, colour_of, swap_gen)).last_hidden_state
-            loss_inv = shape_invariance_loss(cond, swapped, tok, shape_of)
-            loss = loss + args.shape_invariance * loss_inv
-        if probes:
-            targets = attention_targets(masks[idx])
-            loss_attn, loss_cover = attention_loss(list(probes.values()), own, detach[idx], targets)
-            loss = loss + args.attn_loss * loss_attn + args.attn_cover * loss_cover
-            if args.shape_read:
-                reads = (shape_of[tok] >= 0) & (own >= 0)
-                loss_read = word_read_loss(list(probes.values()), reads, own, targets, args.shape_read_target)
-                loss = loss + args.shape_read * loss_read
-            if args.colour_read:
-                reads = (colour_of[tok] >= 0) & (own >= 0)
-                loss_colour_read = word_read_loss(list(probes.values()), reads, own, targets, args.shape_read_target)
-                loss = loss + args.colour_read * loss_colour_read
+        loss, terms = add_caption_losses(
+            loss_mse, args, text_encoder, list(probes.values()), cond, tok, own, detach[idx], masks[idx], words
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -454,16 +465,11 @@ def train_unet(
                     "stage": "unet",
                     "step": step,
                     "loss": round(loss_mse.item(), 5),
-                    "attn": round(loss_attn.item(), 4),
-                    "cover": round(loss_cover.item(), 4),
-                    **({"shape": round(loss_shape.item(), 4)} if args.shape_loss else {}),
-                    **({"read": round(loss_read.item(), 4)} if args.shape_read else {}),
-                    **({"invariance": round(loss_inv.item(), 4)} if args.shape_invariance else {}),
-                    **({"colour_read": round(loss_colour_read.item(), 4)} if args.colour_read else {}),
+                    **{name: round(value.item(), 4) for name, value in terms.items()},
                 }
             )
             bar.set_postfix(
-                loss=f"{loss_mse.item():.4f}", attn=f"{loss_attn.item():.3f}", cover=f"{loss_cover.item():.3f}"
+                loss=f"{loss_mse.item():.4f}", attn=f"{terms['attn'].item():.3f}", cover=f"{terms['cover'].item():.3f}"
             )
         if checkpoint and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             state = {
