@@ -515,6 +515,91 @@ def save(out: Path, vae, text_encoder, tokenizer, unet) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _add_caption_loss_options(p) -> None:
+    """The options of the losses on what the caption's words do (`add_caption_losses`), as one group."""
+    g = p.add_argument_group(
+        "losses on the caption's words", "added to the noise-prediction loss (the model card has their ablations)"
+    )
+    g.add_argument(
+        "--attn-loss",
+        type=float,
+        default=1.0,
+        help="weight of the loss pulling object words' cross-attention into their masks (0: off)",
+    )
+    g.add_argument(
+        "--attn-cover",
+        type=float,
+        default=1.0,
+        help="weight of the loss making each object word's map (divided by its peak) fill its mask (0: off)",
+    )
+    g.add_argument(
+        "--object-weight",
+        type=float,
+        default=0.0,
+        help="extra weight of the noise-prediction loss on object pixels and their outline (0: uniform)",
+    )
+    g.add_argument(
+        "--shape-loss",
+        type=float,
+        default=0.0,
+        help="weight of a loss that makes the text encoder's output at a shape word tell which shape it names "
+        "(0: off; the model card: without it circle, square and triangle got almost the same vector)",
+    )
+    g.add_argument(
+        "--shape-read",
+        type=float,
+        default=0.0,
+        help="weight of a loss making each object's pixels give its shape word at least --shape-read-target of "
+        "their cross-attention, trained in the UNet only (0: off; the model card: shape words get 1.4 %% of the "
+        "shipped model's cross-attention, 0.2 %% after --shape-loss alone)",
+    )
+    g.add_argument(
+        "--shape-read-target",
+        type=float,
+        default=0.25,
+        help="share of an object's cross-attention its shape word should get (default: %(default)s)",
+    )
+    g.add_argument(
+        "--colour-read",
+        type=float,
+        default=0.0,
+        help="weight of the --shape-read loss for colour words (same target): each object's pixels read its "
+        "colour word, whose vector (the text encoder is causal) does not depend on the shape after it (0: off)",
+    )
+    g.add_argument(
+        "--shape-invariance",
+        type=float,
+        default=0.0,
+        help="weight of a loss making the text encoder's output at a shape word the same whatever colour comes "
+        "before it (0: off; the model card: in the shipped model that vector is mostly the colour's)",
+    )
+    g.add_argument(
+        "--attn-words",
+        nargs="+",
+        choices=tuple(LOSS_WORDS),
+        default=("colour", "shape", "size", "position"),
+        help="kinds of words the attention losses pull into their target: their object's mask, for position "
+        "words see --position-target (default: %(default)s)",
+    )
+    g.add_argument(
+        "--position-target",
+        choices=("region", "object"),
+        default="region",
+        help="what a position word's map is pulled to: the half of the image it names, or its object's mask "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--attn-detach-text",
+        nargs="*",
+        choices=tuple(LOSS_WORDS),
+        default=("shape", "position"),
+        metavar="KIND",
+        help="kinds of words whose attention losses train the UNet only, not the text encoder (default: "
+        "%(default)s; the model card: through the text encoder they made it drop the shape words; give "
+        "none for the previous model's recipe)",
+    )
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m sdviz.toy.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -555,84 +640,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps, then cosine to 10 %%")
     p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (for guidance)")
-    p.add_argument(
-        "--attn-loss",
-        type=float,
-        default=1.0,
-        help="weight of the loss pulling object words' cross-attention into their masks (0: off)",
-    )
-    p.add_argument(
-        "--attn-cover",
-        type=float,
-        default=1.0,
-        help="weight of the loss making each object word's map (divided by its peak) fill its mask (0: off)",
-    )
-    p.add_argument(
-        "--object-weight",
-        type=float,
-        default=0.0,
-        help="extra weight of the noise-prediction loss on object pixels and their outline (0: uniform)",
-    )
-    p.add_argument(
-        "--shape-loss",
-        type=float,
-        default=0.0,
-        help="weight of a loss that makes the text encoder's output at a shape word tell which shape it names "
-        "(0: off; the model card: without it circle, square and triangle got almost the same vector)",
-    )
-    p.add_argument(
-        "--shape-read",
-        type=float,
-        default=0.0,
-        help="weight of a loss making each object's pixels give its shape word at least --shape-read-target of "
-        "their cross-attention, trained in the UNet only (0: off; the model card: shape words get 1.4 %% of the "
-        "shipped model's cross-attention, 0.2 %% after --shape-loss alone)",
-    )
-    p.add_argument(
-        "--shape-read-target",
-        type=float,
-        default=0.25,
-        help="share of an object's cross-attention its shape word should get (default: %(default)s)",
-    )
-    p.add_argument(
-        "--colour-read",
-        type=float,
-        default=0.0,
-        help="weight of the --shape-read loss for colour words (same target): each object's pixels read its "
-        "colour word, whose vector (the text encoder is causal) does not depend on the shape after it (0: off)",
-    )
-    p.add_argument(
-        "--shape-invariance",
-        type=float,
-        default=0.0,
-        help="weight of a loss making the text encoder's output at a shape word the same whatever colour comes "
-        "before it (0: off; the model card: in the shipped model that vector is mostly the colour's)",
-    )
-    p.add_argument(
-        "--attn-words",
-        nargs="+",
-        choices=tuple(LOSS_WORDS),
-        default=("colour", "shape", "size", "position"),
-        help="kinds of words the attention losses pull into their target: their object's mask, for position "
-        "words see --position-target (default: %(default)s)",
-    )
-    p.add_argument(
-        "--position-target",
-        choices=("region", "object"),
-        default="region",
-        help="what a position word's map is pulled to: the half of the image it names, or its object's mask "
-        "(default: %(default)s)",
-    )
-    p.add_argument(
-        "--attn-detach-text",
-        nargs="*",
-        choices=tuple(LOSS_WORDS),
-        default=("shape", "position"),
-        metavar="KIND",
-        help="kinds of words whose attention losses train the UNet only, not the text encoder (default: "
-        "%(default)s; the model card: through the text encoder they made it drop the shape words; give "
-        "none for the previous model's recipe)",
-    )
+    _add_caption_loss_options(p)
     p.add_argument(
         "--save-every",
         type=int,
