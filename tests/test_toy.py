@@ -419,17 +419,21 @@ def test_colour_swap_redraws_only_colour_words_and_invariance_is_zero_only_if_sh
 
 
 def test_quick_training_with_the_invariance_and_colour_read_losses_logs_them_on_the_same_batches(tmp_path):
-    logs = []
+    logs, samplers = [], []
     for name, extra in (("plain", []), ("invariant", ["--shape-invariance", "1", "--colour-read", "1"])):
-        train.main(["--quick", "--out", str(tmp_path / name), *extra])
+        train.main(["--quick", "--out", str(tmp_path / name), "--save-every", "2", *extra])
         lines = (tmp_path / name / "train_log.jsonl").read_text().splitlines()
         logs.append([r for r in map(json.loads, lines) if r.get("stage") == "unet"])
+        samplers.append(torch.load(tmp_path / name / "checkpoints" / "state.pt", weights_only=False)["generator"])
     plain, invariant = logs
     assert all(r["invariance"] > 0 and r["colour_read"] > 0 for r in invariant)
     assert "invariance" not in plain[0] and "colour_read" not in plain[0]
     # Step 0 is scored before any update: the same batch, noise and timesteps give the same losses.
     same = ("loss", "attn", "cover")
     assert {k: plain[0][k] for k in same} == {k: invariant[0][k] for k in same}
+    # The batch sampler is where it would be without the redrawn colours after two steps, so every later
+    # batch is the same too (step 0's losses alone would not show it: the colours are redrawn after them).
+    assert torch.equal(samplers[0], samplers[1])
 
 
 def test_shape_read_loss_is_zero_once_an_objects_pixels_give_its_word_the_target_share():

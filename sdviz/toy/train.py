@@ -367,27 +367,13 @@ def add_caption_losses(loss, args, text_encoder, probes, cond, tok, own, detach,
 
 
 def train_unet(
-    unet,
-    text_encoder,
-    latents,
-    ids,
-    owner,
-    detach,
-    masks,
-    args,
-    log,
-    checkpoint=None,
-    resume=None,
-    shape_of=None,
-    colour_of=None,
+    unet, text_encoder, tokenizer, latents, ids, owner, detach, masks, args, log, checkpoint=None, resume=None
 ):
     """Returns EMA copies of (unet, text_encoder).
 
     Every `args.save_every` steps `checkpoint(step, ema_unet, ema_text, state)` gets EMA copies and the
     training state (weights, EMA, optimiser, step, sampler RNG); `resume`, such a state, continues a run
-    exactly where it was saved. `shape_of` (`word_classes` of the shapes) is needed when
-    `args.shape_loss`, `args.shape_read` or `args.shape_invariance` is on, `colour_of` (of the colours)
-    for `args.shape_invariance` and `args.colour_read`.
+    exactly where it was saved. `tokenizer` made `ids`; the shape and colour losses find their words with it.
     """
     sched = DDIMScheduler(**SD_SCHEDULE)
     directions = class_directions(text_encoder.config.hidden_size, len(world.SHAPES), args.seed + 3)
@@ -410,6 +396,7 @@ def train_unet(
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     gen = torch.Generator().manual_seed(args.seed + 1)
+    shape_of, colour_of = word_classes(tokenizer, world.SHAPES), word_classes(tokenizer, world.COLOURS)
     # The redrawn colours have a generator of their own, so the batches are the same with and without it.
     swap_gen = torch.Generator().manual_seed(args.seed + 4)
     words = (shape_of, colour_of, directions, swap_gen)
@@ -801,19 +788,7 @@ def main(argv=None) -> None:
     if state is not None:
         print(f"resuming {args.out} at UNet step {state['step']} of {args.steps}")
     unet, text_encoder = train_unet(
-        unet,
-        text_encoder,
-        latents,
-        ids,
-        owner,
-        detach,
-        masks,
-        args,
-        log,
-        checkpoint,
-        state,
-        shape_of=word_classes(tokenizer, world.SHAPES),
-        colour_of=word_classes(tokenizer, world.COLOURS),
+        unet, text_encoder, tokenizer, latents, ids, owner, detach, masks, args, log, checkpoint, state
     )
 
     # 5. Save the EMA weights as a diffusers pipeline, with the options and times.
