@@ -59,6 +59,23 @@ def test_world_is_deterministic_for_a_seed():
     assert [s.caption for s in world.sample_scenes(5, seed=4)] != [s.caption for s in a]
 
 
+def test_a_mix_can_fix_the_size_word_and_the_default_still_draws_the_shipped_models_data():
+    for word, weights in (("large", (0, 0, 1)), ("small", (0, 1, 0))):
+        scenes = world.sample_scenes(20, seed=7, mix=world.Mix((1, 1, 1), 0.5, weights))
+        for scene in scenes:
+            assert all(o.size == word for o in scene.objects), scene.caption
+            assert all(evaluate.classify_size(m) == word for m in scene.masks), scene.caption
+    unsaid = world.sample_scenes(20, seed=7, mix=world.Mix((1, 1, 1), 0.5, (1, 0, 0)))
+    assert all(o.size is None for s in unsaid for o in s.objects)
+    # sizes=None draws as before the option existed: these are the first scenes the shipped model trained on.
+    shipped = world.sample_scenes(3, seed=0, mix=world.Mix((3, 4, 3), 0.8))
+    assert [s.caption for s in shipped] == [
+        "a large green circle at the top",
+        "a small blue square and a yellow square",
+        "a blue circle and a red circle",
+    ]
+
+
 def test_positions_in_captions_are_where_objects_are_drawn():
     for scene in world.sample_scenes(60, seed=6):
         for obj, mask in zip(scene.objects, scene.masks):
@@ -128,6 +145,23 @@ def test_one_word_pairs_differ_in_exactly_the_changed_word():
         assert len({o.position for o in world.parse_caption(b) if o.position}) == sum(
             o.position is not None for o in world.parse_caption(b)
         )
+
+
+def test_size_probe_draws_every_pair_once_and_splits_shapes_by_whether_training_saw_the_pair():
+    captions = evaluate.size_probe_captions("large")
+    objects = [world.parse_caption(c) for c in captions]
+    assert len(set(captions)) == 12 and all(len(o) == 1 and o[0].size == "large" and not o[0].position for o in objects)
+    assert {(o[0].colour, o[0].shape) for o in objects if world.is_heldout(o)} == set(world.HELDOUT_PAIRS)
+    rows = [
+        {"caption": "a large red circle", "shapes": [True]},
+        {"caption": "a large red square", "shapes": [False]},
+        {"caption": "a large blue circle", "shapes": [None]},  # colour missing: not scored
+        {"caption": "a large green triangle", "shapes": [True]},
+        {"caption": "a large yellow circle", "shapes": [False]},
+        {"caption": "a large yellow circle", "shapes": [False]},
+    ]
+    shares = evaluate.shapes_by_pair(rows)
+    assert shares == {"shape_correct_trained_pairs": 0.5, "shape_correct_heldout_pairs": pytest.approx(1 / 3)}
 
 
 def test_score_map_hits_and_overlaps_only_where_the_map_is():
@@ -295,14 +329,14 @@ def test_changing_left_to_right_with_the_same_seed_moves_the_object(pipe):
 
 
 def test_quick_training_runs_end_to_end_and_saves_a_loadable_pipeline(tmp_path):
-    train.main(["--quick", "--out", str(tmp_path), "--save-every", "2"])
+    train.main(["--quick", "--out", str(tmp_path), "--save-every", "2", "--sizes", "0", "0", "1"])
     # --quick trains 3 UNet steps: one checkpoint at step 2 (pipeline + training state), then the final pipeline.
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["state.pt", "step-2", "vae.pt"]
     assert StableDiffusionPipeline.from_pretrained(tmp_path / "checkpoints" / "step-2").unet is not None
     p = StableDiffusionPipeline.from_pretrained(tmp_path)
     image = p("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
-    assert (tmp_path / "train_summary.json").exists()
+    assert json.loads((tmp_path / "train_summary.json").read_text())["args"]["sizes"] == [0, 0, 1]
     steps = [r["step"] for r in map(json.loads, (tmp_path / "train_log.jsonl").read_text().splitlines()) if "step" in r]
     assert steps == [0, 2, 0, 2]  # VAE steps 0 and 2, then UNet steps 0 and 2
 

@@ -599,8 +599,33 @@ def table(r: dict) -> str:
 PROBE_MIX = world.Mix(counts=(1, 0, 0), p_position=1.0)
 
 
+def size_probe_captions(size: str) -> list[str]:
+    """ "a <size> <colour> <shape>" for every colour and shape (held-out pairs included), no position."""
+    return [f"a {size} {c} {s}" for c in world.COLOURS for s in world.SHAPES]
+
+
+def shapes_by_pair(per_image: list[dict]) -> dict:
+    """Share of right shapes among one-object images, for colour+shape pairs training saw and for the
+    held-out ones (images whose colour is missing are not scored)."""
+    out = {}
+    for name, heldout in (("trained_pairs", False), ("heldout_pairs", True)):
+        out[f"shape_correct_{name}"] = _mean(
+            r["shapes"][0]
+            for r in per_image
+            if r["shapes"][0] is not None and world.is_heldout(world.parse_caption(r["caption"])) == heldout
+        )
+    return out
+
+
 def probe_table(r: dict) -> str:
     g, w = r["generated"], r["one_word_changes"]
+    if "shape_correct_trained_pairs" in g:
+        return (
+            f"colour present {g['all_colours_present']:.1%}, shape right {g['shape_correct']:.1%} (pairs training "
+            f"saw {g['shape_correct_trained_pairs']:.1%}, held-out pairs {g['shape_correct_heldout_pairs']:.1%}), "
+            f"size right {g['size_correct']:.1%} ({g['images']} images); same seed, shape changed: followed "
+            f"{w['shape_change_followed']:.1%} of {w['shape_pairs']} pairs"
+        )
     return (
         f"colour present {g['all_colours_present']:.1%}, shape right {g['shape_correct']:.1%}, position right "
         f"{g['position_correct']:.1%}, size right {g['size_correct']:.1%} ({g['images']} images); same seed, "
@@ -635,16 +660,28 @@ def main(argv=None) -> None:
         help="only the generated-image and one-word-change figures, on one-object captions that each name a "
         "position (any colour and shape, training pairs included): what the model card's probes report",
     )
+    p.add_argument(
+        "--probe-size",
+        choices=tuple(world.SIZES),
+        default=None,
+        help="with --probe: instead, 'a <size> <colour> <shape>' for all 12 colour and shape pairs (no position), "
+        "shapes reported for trained and held-out pairs apart (the model card's size probe)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load_model(args.model)
     if args.probe:
         pipe.set_progress_bar_config(disable=True)
-        captions = world.sample_captions(args.captions, heldout=None, mix=PROBE_MIX)
+        if args.probe_size:
+            captions = size_probe_captions(args.probe_size)
+        else:
+            captions = world.sample_captions(args.captions, heldout=None, mix=PROBE_MIX)
         results = {
             "generated": evaluate_generated(pipe, captions, tuple(range(args.seeds)), args.guidance, 20, 64),
             "one_word_changes": one_word_changes(pipe, captions, 0, args.guidance, 20, 64),
         }
+        if args.probe_size:
+            results["generated"].update(shapes_by_pair(results["generated"]["per_image"]))
         print(probe_table(results))
     else:
         results = evaluate(pipe, args.captions, tuple(range(args.seeds)), args.scenes, args.guidance)

@@ -665,11 +665,21 @@ def parse_args(argv=None):
         help="how often a training object names its position (default: %(default)s; the held-out captions of the "
         f"evaluation: {world.EVALUATION_MIX.p_position})",
     )
+    p.add_argument(
+        "--sizes",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("NONE", "SMALL", "LARGE"),
+        help="relative weights of a training object having no size word, 'small' or 'large' (default: equal, "
+        "drawn as the shipped model's data was; the model card's size probe trains on one size only)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.scenes, args.vae_steps, args.vae_full_steps, args.steps, args.vae_batch, args.batch = 64, 3, 1, 3, 4, 4
         args.channels, args.warmup = (16, 32), 2
     args.channels, args.counts = tuple(args.channels), tuple(args.counts)
+    args.sizes = None if args.sizes is None else tuple(args.sizes)
     args.attn_words, args.attn_detach_text = tuple(args.attn_words), tuple(args.attn_detach_text)
     return args
 
@@ -731,7 +741,7 @@ def main(argv=None) -> None:
     start = time.time()
     elapsed_before = state["elapsed"] if state else vae_ckpt["elapsed"] if vae_ckpt else 0.0
     torch.manual_seed(args.seed)
-    mix = world.Mix(args.counts, args.p_position)
+    mix = world.Mix(args.counts, args.p_position, args.sizes)
     scenes = world.sample_scenes(args.scenes, seed=args.seed, size=args.size, mix=mix)
     images = to_tensor(np.stack([s.image for s in scenes]))  # [N, 3, H, W]
 

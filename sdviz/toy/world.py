@@ -119,14 +119,21 @@ def is_heldout(objects: list[Obj]) -> bool:
 
 @dataclass(frozen=True)
 class Mix:
-    """How captions are drawn: the weights of 1-, 2- and 3-object captions and how often an object
-    names its position. The default is the evaluation's mix (held-out captions and scenes)."""
+    """How captions are drawn: the weights of 1-, 2- and 3-object captions, how often an object names its
+    position, and the weights of (no size word, "small", "large") — None: each equally likely, drawn as
+    the shipped model's training data was. The default is the evaluation's mix (held-out captions and scenes)."""
 
     counts: tuple[float, float, float] = (3, 4, 3)
     p_position: float = 0.6
+    sizes: tuple[float, float, float] | None = None
 
 
 EVALUATION_MIX = Mix()
+
+
+def _size_word(rng: random.Random, mix: Mix) -> str | None:
+    words = (None, *SIZES)
+    return rng.choice(words) if mix.sizes is None else rng.choices(words, weights=mix.sizes)[0]
 
 
 def sample_objects(rng: random.Random, heldout: bool | None = False, mix: Mix = EVALUATION_MIX) -> list[Obj]:
@@ -136,7 +143,7 @@ def sample_objects(rng: random.Random, heldout: bool | None = False, mix: Mix = 
         colours = rng.sample(list(COLOURS), n)
         positions = rng.sample(POSITIONS, n)
         objects = [
-            Obj(c, rng.choice(SHAPES), rng.choice((None, *SIZES)), p if rng.random() < mix.p_position else None)
+            Obj(c, rng.choice(SHAPES), _size_word(rng, mix), p if rng.random() < mix.p_position else None)
             for c, p in zip(colours, positions)
         ]
         if heldout is None or is_heldout(objects) == heldout:
