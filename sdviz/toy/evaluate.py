@@ -667,6 +667,13 @@ def main(argv=None) -> None:
         help="with --probe: instead, 'a <size> <colour> <shape>' for all 12 colour and shape pairs (no position), "
         "shapes reported for trained and held-out pairs apart (the model card's size probe)",
     )
+    p.add_argument(
+        "--probe-image-size",
+        type=int,
+        default=64,
+        help="with --probe: image side to generate at, for a model trained with python -m sdviz.toy.train --size "
+        "(the checks are relative to the image side)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load_model(args.model)
@@ -677,8 +684,10 @@ def main(argv=None) -> None:
         else:
             captions = world.sample_captions(args.captions, heldout=None, mix=PROBE_MIX)
         results = {
-            "generated": evaluate_generated(pipe, captions, tuple(range(args.seeds)), args.guidance, 20, 64),
-            "one_word_changes": one_word_changes(pipe, captions, 0, args.guidance, 20, 64),
+            "generated": evaluate_generated(
+                pipe, captions, tuple(range(args.seeds)), args.guidance, 20, args.probe_image_size
+            ),
+            "one_word_changes": one_word_changes(pipe, captions, 0, args.guidance, 20, args.probe_image_size),
         }
         if args.probe_size:
             results["generated"].update(shapes_by_pair(results["generated"]["per_image"]))
