@@ -619,18 +619,21 @@ def shapes_by_pair(per_image: list[dict]) -> dict:
 
 def probe_table(r: dict) -> str:
     g, w = r["generated"], r["one_word_changes"]
-    if "shape_correct_trained_pairs" in g:
-        return (
-            f"colour present {g['all_colours_present']:.1%}, shape right {g['shape_correct']:.1%} (pairs training "
-            f"saw {g['shape_correct_trained_pairs']:.1%}, held-out pairs {g['shape_correct_heldout_pairs']:.1%}), "
-            f"size right {g['size_correct']:.1%} ({g['images']} images); same seed, shape changed: followed "
-            f"{w['shape_change_followed']:.1%} of {w['shape_pairs']} pairs"
+    if "shape_correct_trained_pairs" in g:  # the size probe: no position words
+        shapes = (
+            f" (pairs training saw {g['shape_correct_trained_pairs']:.1%}, held-out pairs "
+            f"{g['shape_correct_heldout_pairs']:.1%})"
+        )
+        position, changes = "", f"shape changed: followed {w['shape_change_followed']:.1%} of {w['shape_pairs']} pairs"
+    else:
+        shapes, position = "", f", position right {g['position_correct']:.1%}"
+        changes = (
+            f"position changed: followed {w['position_change_followed']:.1%} of {w['position_pairs']} pairs, shape "
+            f"changed: {w['shape_change_followed']:.1%} of {w['shape_pairs']}"
         )
     return (
-        f"colour present {g['all_colours_present']:.1%}, shape right {g['shape_correct']:.1%}, position right "
-        f"{g['position_correct']:.1%}, size right {g['size_correct']:.1%} ({g['images']} images); same seed, "
-        f"position changed: followed {w['position_change_followed']:.1%} of {w['position_pairs']} pairs, shape "
-        f"changed: {w['shape_change_followed']:.1%} of {w['shape_pairs']}"
+        f"colour present {g['all_colours_present']:.1%}, shape right {g['shape_correct']:.1%}{shapes}{position}, "
+        f"size right {g['size_correct']:.1%} ({g['images']} images); same seed, {changes}"
     )
 
 
