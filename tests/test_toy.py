@@ -164,6 +164,17 @@ def test_size_probe_draws_every_pair_once_and_splits_shapes_by_whether_training_
     assert shares == {"shape_correct_trained_pairs": 0.5, "shape_correct_heldout_pairs": pytest.approx(1 / 3)}
 
 
+def test_shapes_are_counted_per_named_shape_over_every_object_of_every_image():
+    rows = [
+        {"caption": "a red circle and a blue square", "shapes": [True, False]},
+        {"caption": "a green square on the left", "shapes": [True]},
+        {"caption": "a yellow circle", "shapes": [None]},  # colour missing: not scored
+        {"caption": "a small blue circle", "shapes": [False]},
+    ]
+    assert evaluate.shapes_by_name(rows) == {"circle": (1, 2), "square": (1, 2), "triangle": (0, 0)}
+    assert evaluate.shapes_line(rows) == "circle 1/2 · square 1/2 · triangle 0/0"
+
+
 def test_score_map_hits_and_overlaps_only_where_the_map_is():
     mask = np.zeros((64, 64), bool)
     mask[10:20, 30:44] = True
@@ -512,3 +523,16 @@ def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(tmp
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     with pytest.raises(SystemExit, match="p-position"):
         train.main([*options, "--out", str(resumed), "--resume", "--p-position", "0.9"])
+
+
+def test_evaluate_probe_prints_its_figures_and_the_per_shape_split_of_its_json(tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    evaluate.main(["--probe", "--captions", "3", "--seeds", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    figures = json.loads(out.read_text())
+    rows = figures["generated"]["per_image"]
+    assert len(rows) == 3 and figures["generated"]["images"] == 3
+    assert f"shape right {figures['generated']['shape_correct']:.1%}" in printed
+    counts = evaluate.shapes_by_name(rows)
+    assert sum(scored for _, scored in counts.values()) == figures["generated"]["objects_scored"]["shape"]
+    assert f"shape right by the shape named: {evaluate.shapes_line(rows)}" in printed

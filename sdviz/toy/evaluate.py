@@ -499,6 +499,7 @@ def table(r: dict) -> str:
         ),
         ("generated: no unrequested colour", g["no_extra_colour"], "no_extra_colour", pct),
         ("generated: shape right (objects whose colour is there)", g["shape_correct"], "shape_correct", pct),
+        ("generated: shape right by the shape named (right/scored)", shapes_line(g["per_image"]), None, "{}"),
         ("generated: position right (objects with a position word)", g["position_correct"], "position_correct", pct),
         ("generated: size right (objects with a size word)", g["size_correct"], "size_correct", pct),
         (
@@ -617,6 +618,23 @@ def shapes_by_pair(per_image: list[dict]) -> dict:
     return out
 
 
+def shapes_by_name(per_image: list[dict]) -> dict[str, tuple[int, int]]:
+    """Per shape the caption names: (objects drawn with that shape, objects scored), over every object of
+    every image (objects whose colour is missing are not scored)."""
+    out = {shape: [0, 0] for shape in world.SHAPES}
+    for r in per_image:
+        for obj, right in zip(world.parse_caption(r["caption"]), r["shapes"]):
+            if right is not None:
+                out[obj.shape][0] += right
+                out[obj.shape][1] += 1
+    return {shape: tuple(counts) for shape, counts in out.items()}
+
+
+def shapes_line(per_image: list[dict]) -> str:
+    """ "circle 8/16 · square 9/14 · triangle 5/6": right / scored per named shape."""
+    return " · ".join(f"{shape} {right}/{scored}" for shape, (right, scored) in shapes_by_name(per_image).items())
+
+
 def probe_table(r: dict) -> str:
     g, w = r["generated"], r["one_word_changes"]
     if "shape_correct_trained_pairs" in g:  # the size probe: no position words
@@ -633,7 +651,8 @@ def probe_table(r: dict) -> str:
         )
     return (
         f"colour present {g['all_colours_present']:.1%}, shape right {g['shape_correct']:.1%}{shapes}{position}, "
-        f"size right {g['size_correct']:.1%} ({g['images']} images); same seed, {changes}"
+        f"size right {g['size_correct']:.1%} ({g['images']} images); same seed, {changes}\n"
+        f"shape right by the shape named: {shapes_line(g['per_image'])}"
     )
 
 
