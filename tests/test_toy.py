@@ -16,7 +16,7 @@ from diffusers.models.attention_processor import Attention  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import sdviz  # noqa: E402
-from sdviz.toy import evaluate, probe, train, world  # noqa: E402
+from sdviz.toy import evaluate, probe, speed, train, world  # noqa: E402
 
 MODEL = train.DEFAULT_OUT
 # What the shipped model scores on the tests below, less a margin (measured; see each test).
@@ -536,3 +536,22 @@ def test_evaluate_probe_prints_its_figures_and_the_per_shape_split_of_its_json(t
     counts = evaluate.shapes_by_name(rows)
     assert sum(scored for _, scored in counts.values()) == figures["generated"]["objects_scored"]["shape"]
     assert f"shape right by the shape named: {evaluate.shapes_line(rows)}" in printed
+
+
+def test_f2_variants_of_the_speed_comparison_draw_the_same_scene_size_from_a_twice_as_fine_latent(pipe):
+    vae = train.build_vae(64, (16, 32))
+    assert vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean.shape == (1, 4, 32, 32)
+    assert train.build_vae(64).encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean.shape == (1, 4, 16, 16)
+    for vae_channels, unet_channels in (spec for spec in speed.VARIANTS.values() if spec is not None):
+        f2 = speed.variant(pipe, vae_channels, unet_channels)
+        assert f2.unet.config.sample_size == 32 and f2.unet.config.block_out_channels == unet_channels
+        image = f2("a red circle", num_inference_steps=1, height=64, width=64, output_type="np").images
+        assert image.shape == (1, 64, 64, 3)
+
+
+def test_speed_prints_one_row_per_variant_relative_to_the_shipped_model(capsys):
+    speed.main(["--repeats", "1", "--steps", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "×" in line]
+    assert [r.split(" | ")[0][2:] for r in rows[1:]] == list(speed.VARIANTS)
+    assert rows[1].split(" | ")[1:3] == ["16×16", "4.21 M"] and rows[1].endswith(" | 1.00 |")
+    assert all(" | 32×32 | " in r for r in rows[2:])

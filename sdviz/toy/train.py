@@ -47,15 +47,16 @@ SD_SCHEDULE = dict(
 )
 
 
-def build_vae(size: int) -> AutoencoderKL:
-    # Three blocks = two downsamplings: f=4, so a 64×64 image becomes 4×16×16 latents (see the model card).
+def build_vae(size: int, channels: tuple[int, ...] = (16, 32, 64)) -> AutoencoderKL:
+    # n blocks = n - 1 downsamplings: the default three give f=4, so a 64×64 image becomes 4×16×16 latents
+    # (see the model card; `python -m sdviz.toy.speed` times f=2).
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=tuple(channels),
         layers_per_block=1,
         norm_num_groups=16,
         sample_size=size,
