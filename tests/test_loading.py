@@ -42,11 +42,17 @@ def test_a_saved_pipeline_of_each_family_loads_and_generates_the_same_image(fami
     b = pipe("a red circle", generator=seeded(), **kw).images
     with sdviz.trace(pipe) as tracer:
         c = pipe("a red circle", generator=seeded(), **kw).images
-    # The same image: a freshly loaded copy may take other CPU kernels (measured: ≤ 2e-6 apart), and
-    # tracing it changes nothing at all.
-    assert np.abs(a - b).max() < 1e-5
+    # The same image. Weights loaded from safetensors sit in memory that is not 64-byte aligned, and on
+    # some CPUs oneDNN then takes other kernels (measured: ≤ 2e-6 apart on a Xeon, 1.1e-5 on an AMD EPYC;
+    # one 8-bit level is 3.9e-3). Copied into fresh memory, the loaded weights give exactly the original's
+    # image, so placement is the only difference. Tracing changes nothing at all.
+    assert np.abs(a - b).max() < 1e-4
     assert np.array_equal(b, c)
     assert tracer.result.words[1].text == "red"
+    for part in ("unet", "vae", "text_encoder"):
+        for tensor in (*getattr(pipe, part).parameters(), *getattr(pipe, part).buffers()):
+            tensor.data = tensor.data.clone()
+    assert np.array_equal(a, pipe("a red circle", generator=seeded(), **kw).images)
 
 
 def test_a_folder_that_is_not_a_pipeline_says_so(tmp_path):
