@@ -407,22 +407,27 @@ def contrast_table(contrast: dict) -> list[str]:
     return lines
 
 
+TIMED_CAPTION = "a small blue square on the left and a yellow triangle"
+
+
+def timed_generation(pipe, guidance: float, steps: int, size: int, seed: int = 0) -> float:
+    """Seconds for one untraced generation of TIMED_CAPTION."""
+    start = time.perf_counter()
+    pipe(
+        TIMED_CAPTION,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=size,
+        width=size,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return time.perf_counter() - start
+
+
 def time_generation(pipe, guidance: float, steps: int, size: int, repeats: int = 3) -> float:
     """Best-of-`repeats` seconds for one untraced generation (the first call warms up)."""
     pipe("a red circle", num_inference_steps=steps, guidance_scale=guidance, height=size, width=size)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        pipe(
-            "a small blue square on the left and a yellow triangle",
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=size,
-            width=size,
-            generator=torch.Generator().manual_seed(0),
-        )
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(timed_generation(pipe, guidance, steps, size) for _ in range(repeats))
 
 
 def evaluate(

@@ -6,23 +6,21 @@
 An f = 2 VAE gives 64×64 scenes a 32×32 latent, so circles and squares differ in more latent pixels; the
 UNet then works on four times the pixels. This builds f = 2 pipelines with random weights (the shipped
 tokenizer, text encoder and scheduler; speed does not depend on the weights' values) and times a 20-step
-generation with guidance, side by side with the shipped model, interleaved so that a change in the
-machine's load falls on all of them alike. Prints the median of the timed runs (the first is a warm-up).
+generation with guidance (`sdviz.toy.evaluate.timed_generation`, the evaluation's timed caption), side by
+side with the shipped model, interleaved so that a change in the machine's load falls on all of them alike.
+Prints the median of the timed runs (the first is a warm-up).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from diffusers import StableDiffusionPipeline
 
 from sdviz.toy import train
-from sdviz.toy.evaluate import load_model
-
-PROMPT = "a small blue square on the left and a yellow triangle"
+from sdviz.toy.evaluate import load_model, timed_generation
 
 # name → (VAE block widths, UNet block widths); None: the shipped model itself.
 VARIANTS = {
@@ -64,17 +62,9 @@ def measure(model: str | None = None, repeats: int = 5, steps: int = 20, guidanc
     times = {name: [] for name in pipes}
     for rep in range(repeats + 1):
         for name, pipe in pipes.items():
-            start = time.perf_counter()
-            pipe(
-                PROMPT,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=size,
-                width=size,
-                generator=torch.Generator().manual_seed(rep),
-            )
+            seconds = timed_generation(pipe, guidance, steps, size, seed=rep)
             if rep:  # the first round warms up
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     base = statistics.median(times[next(iter(pipes))])
     return [
         {
