@@ -148,6 +148,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def train_vae(vae, images: torch.Tensor, args, log) -> None:
+    vae.to(args.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     vae.train()
@@ -159,7 +160,7 @@ def train_vae(vae, images: torch.Tensor, args, log) -> None:
         # the last steps see whole images (same batch, four times the cost), because GroupNorm
         # statistics and the image border differ between a crop and the whole image.
         c = args.vae_crop if step < args.vae_steps - args.vae_full_steps else images.shape[-1]
-        x = images[torch.randint(len(images), (args.vae_batch,), generator=gen)]  # [b, 3, H, W]
+        x = images[torch.randint(len(images), (args.vae_batch,), generator=gen)].to(args.device)  # [b, 3, H, W]
         if c < x.shape[-1]:
             i, j = (4 * torch.randint((x.shape[-1] - c) // 4 + 1, (2,), generator=gen)).tolist()
             x = x[:, :, i : i + c, j : j + c]
@@ -172,15 +173,19 @@ def train_vae(vae, images: torch.Tensor, args, log) -> None:
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == args.vae_steps - 1:
-            log({"stage": "vae", "step": step, "loss": round(loss.item(), 5), "psnr": round(psnr(rec, x), 2)})
+            record = {"stage": "vae", "step": step, "loss": round(loss.item(), 5), "psnr": round(psnr(rec, x), 2)}
+            log({**record, "seconds": round(bar.format_dict["elapsed"], 1)})
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(rec, x):.1f}")
-    vae.eval()
+    vae.cpu().eval()
 
 
 @torch.no_grad()
-def encode_all(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Latent means of all images, unscaled. [N, 4, h, w]"""
-    return torch.cat([vae.encode(images[i : i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
+def encode_all(vae, images: torch.Tensor, batch: int = 256, device: str = "cpu") -> torch.Tensor:
+    """Latent means of all images, unscaled, on the CPU (encoded on `device`). [N, 4, h, w]"""
+    vae.to(device)
+    latents = [vae.encode(x.to(device)).latent_dist.mean.cpu() for x in images.split(batch)]
+    vae.cpu()
+    return torch.cat(latents)
 
 
 # The words an attention loss can pull into their object's mask, by kind (position: the phrase's last word,
@@ -306,7 +311,7 @@ def colour_swapped(tok: torch.Tensor, colour_of: torch.Tensor, gen: torch.Genera
     """`tok` [b, 77] with every colour word replaced by a colour drawn at random (`colour_of`: `word_classes`
     of the colours), everything else as it was."""
     colour_ids = (colour_of >= 0).nonzero()[:, 0][colour_of[colour_of >= 0].argsort()]  # [colours]
-    drawn = colour_ids[torch.randint(len(colour_ids), tok.shape, generator=gen)]
+    drawn = colour_ids[torch.randint(len(colour_ids), tok.shape, generator=gen).to(tok.device)]
     return torch.where(colour_of[tok] >= 0, drawn, tok)
 
 
@@ -376,9 +381,14 @@ def train_unet(
     training state (weights, EMA, optimiser, step, sampler RNG); `resume`, such a state, continues a run
     exactly where it was saved. `tokenizer` made `ids`; the shape and colour losses find their words with it.
     """
+    device = args.device
+    unet.to(device), text_encoder.to(device)
+    # The data lives on the device; the random draws stay on CPU generators, so a run draws the same
+    # batches, noise and timesteps on any device.
+    latents, ids, owner, detach, masks = (x.to(device) for x in (latents, ids, owner, detach, masks))
     sched = DDIMScheduler(**SD_SCHEDULE)
-    directions = class_directions(text_encoder.config.hidden_size, len(world.SHAPES), args.seed + 3)
-    alphas = sched.alphas_cumprod  # [1000]
+    directions = class_directions(text_encoder.config.hidden_size, len(world.SHAPES), args.seed + 3).to(device)
+    alphas = sched.alphas_cumprod.to(device)  # [1000]
     snr = alphas / (1 - alphas)
     empty_ids = ids[:1].clone()
     empty_ids[:, 1:] = ids[0, -1]  # "" = <|startoftext|> then padding, as the pipeline tokenizes it
@@ -397,7 +407,7 @@ def train_unet(
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     gen = torch.Generator().manual_seed(args.seed + 1)
-    shape_of, colour_of = word_classes(tokenizer, world.SHAPES), word_classes(tokenizer, world.COLOURS)
+    shape_of, colour_of = (word_classes(tokenizer, w).to(device) for w in (world.SHAPES, world.COLOURS))
     # The redrawn colours have a generator of their own, so the batches are the same with and without it.
     swap_gen = torch.Generator().manual_seed(args.seed + 4)
     words = (shape_of, colour_of, directions, swap_gen)
@@ -417,13 +427,13 @@ def train_unet(
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        idx = torch.randint(len(latents), (args.batch,), generator=gen)
+        idx = torch.randint(len(latents), (args.batch,), generator=gen).to(device)
         x0 = latents[idx] * args.scaling
         tok, own = ids[idx].clone(), owner[idx].clone()
-        drop = torch.rand(args.batch, generator=gen) < args.caption_dropout  # unconditional for CFG
+        drop = (torch.rand(args.batch, generator=gen) < args.caption_dropout).to(device)  # unconditional for CFG
         tok[drop], own[drop] = empty_ids, -1
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, 1000, (args.batch,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
         xt = sched.add_noise(x0, noise, t)
         cond = text_encoder(tok).last_hidden_state  # [b, 77, d]
         pred = unet(xt, t, encoder_hidden_states=cond).sample
@@ -454,6 +464,7 @@ def train_unet(
                     "step": step,
                     "loss": round(loss_mse.item(), 5),
                     **{name: round(value.item(), 4) for name, value in terms.items()},
+                    "seconds": round(bar.format_dict["elapsed"], 1),
                 }
             )
             bar.set_postfix(
@@ -485,10 +496,10 @@ def preview_factors(vae, n: int = 256, seed: int = 0) -> list:
 
 def save(out: Path, vae, text_encoder, tokenizer, unet) -> None:
     pipe = StableDiffusionPipeline(
-        vae=vae.half(),
-        text_encoder=text_encoder.half(),
+        vae=vae.cpu().half(),
+        text_encoder=text_encoder.cpu().half(),
         tokenizer=tokenizer,
-        unet=unet.half(),
+        unet=unet.cpu().half(),
         scheduler=DDIMScheduler(**SD_SCHEDULE),
         safety_checker=None,
         feature_extractor=None,
@@ -598,9 +609,15 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and sampling")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the VAE, text encoder and UNet train, e.g. cuda (default: %(default)s; the batches are drawn "
+        "the same on any device, the arithmetic differs in the last bits)",
+    )
+    p.add_argument(
         "--quick", action="store_true", help="tiny data and a few steps of each stage: checks the code end to end"
     )
-    p.add_argument("--size", type=int, default=64, help="image side in pixels (latents are size/4)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (latents: size/4 with the default VAE)")
     p.add_argument("--scenes", type=int, default=20000, help="training scenes rendered (and encoded once)")
     p.add_argument("--vae-steps", type=int, default=1900, help="VAE optimisation steps")
     p.add_argument("--vae-batch", type=int, default=32, help="VAE crops per batch")
@@ -610,6 +627,14 @@ def parse_args(argv=None):
         type=int,
         default=400,
         help="the last VAE steps train on whole images (same batch size as the crops)",
+    )
+    p.add_argument(
+        "--vae-channels",
+        type=int,
+        nargs="+",
+        default=(16, 32, 64),
+        help="VAE block widths; each block after the first halves the image: the default three give 4×16×16 "
+        "latents for 64×64 images, two give 4×32×32 (f = 2)",
     )
     p.add_argument("--vae-lr", type=float, default=2e-3, help="VAE peak learning rate (AdamW)")
     p.add_argument("--vae-kl", type=float, default=1e-6, help="KL weight of the VAE loss")
@@ -679,7 +704,7 @@ def parse_args(argv=None):
     if args.quick:
         args.scenes, args.vae_steps, args.vae_full_steps, args.steps, args.vae_batch, args.batch = 64, 3, 1, 3, 4, 4
         args.channels, args.warmup = (16, 32), 2
-    args.channels, args.counts = tuple(args.channels), tuple(args.counts)
+    args.channels, args.counts, args.vae_channels = tuple(args.channels), tuple(args.counts), tuple(args.vae_channels)
     args.sizes = None if args.sizes is None else tuple(args.sizes)
     args.attn_words, args.attn_detach_text = tuple(args.attn_words), tuple(args.attn_detach_text)
     return args
@@ -687,7 +712,7 @@ def parse_args(argv=None):
 
 # What may differ between a run and its resumption: options that do not change what is trained, and the
 # latent scaling, which is measured (again) after the options are checked.
-NOT_COMPARED = {"out", "threads", "resume", "scaling"}
+NOT_COMPARED = {"out", "threads", "device", "resume", "scaling"}
 
 
 def _jsonable(args) -> dict:
@@ -698,7 +723,7 @@ def _load_checkpoint(path: Path, args):
     """The saved dict at `path` (None if absent), after checking it was saved by a run with the same options."""
     if not path.exists():
         return None
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=False, map_location="cpu")
     ours = _jsonable(args)
     changed = {k: (v, ours.get(k)) for k, v in saved["args"].items() if k not in NOT_COMPARED and ours.get(k) != v}
     if changed:
@@ -748,7 +773,7 @@ def main(argv=None) -> None:
 
     # 2. Stage 1: the VAE (trained, reused from another pipeline, or restored from this run's checkpoint).
     if vae_ckpt is not None:
-        vae = build_vae(args.size)
+        vae = build_vae(args.size, args.vae_channels)
         vae.load_state_dict(vae_ckpt["vae"])
         vae.eval()
         vae_time = vae_ckpt["vae_seconds"]
@@ -756,7 +781,7 @@ def main(argv=None) -> None:
         if args.vae_from:
             vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").float().eval()
         else:
-            vae = build_vae(args.size)
+            vae = build_vae(args.size, args.vae_channels)
             train_vae(vae, images, args, log)
         vae_time = time.time() - start
         if args.save_every:
@@ -768,7 +793,7 @@ def main(argv=None) -> None:
             )
 
     # 3. Encode every scene once; scale latents to unit variance for the diffusion schedule (SD's 0.18215).
-    latents = encode_all(vae, images)  # [N, 4, size/4, size/4]
+    latents = encode_all(vae, images, device=args.device)  # [N, 4, size/4, size/4]
     args.scaling = float(1 / latents.std())
     # The preview factors go in the VAE's config, where sdviz.preview looks first; the VAE is final here,
     # so they are fitted once for the final pipeline and every checkpoint.

@@ -1,0 +1,156 @@
+"""Train several `sdviz.toy.train` recipes side by side on one machine within a time budget.
+
+    python -m sdviz.toy.sweep --out runs --budget 420 --device cuda \\
+        --run shapes "--vae-from sdviz/toy/model --batch 256 --shape-loss 1 --shape-read 1" \\
+        --run control "--vae-from sdviz/toy/model --batch 256"
+
+Made for a lent GPU machine, where a tiny model's step costs about the same at any batch size and several
+processes share the GPU well. First every recipe trains a few steps on a few scenes, all at once, to time a
+step as they will run together; then each trains from scratch (`--steps` chosen so that its VAE stage, if it
+has one, and its UNet stage fit in `--budget` seconds, a round number of steps; the LR schedule then ends
+where the run ends). A run still going at `--deadline` is stopped and keeps its last checkpoint.
+`OUT/NAME.tar` holds each result (the pipeline folder with its logs, without training states) and
+`OUT/sweep.json` what was chosen and measured. The steps written there, given to `python -m sdviz.toy.train`
+with the same options, reproduce a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from sdviz.toy import train
+
+PROBE = ["--scenes", "2000", "--steps", "60", "--vae-steps", "60", "--vae-full-steps", "10", "--save-every", "0"]
+
+
+def _launch(options: list[str], out: Path, common: list[str]) -> subprocess.Popen:
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "stdout.log").open("w")
+    command = [sys.executable, "-m", "sdviz.toy.train", *options, *common, "--out", str(out)]
+    log.write(shlex.join(command) + "\n")
+    log.flush()
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _seconds_per_step(log_path: Path, stage: str) -> float | None:
+    """Seconds a step of `stage` took between the log's records of steps 0 and 50 (after the first step's
+    warm-up of the kernels), None if the log has no such records."""
+    if not log_path.exists():
+        return None
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    times = {r["step"]: r["seconds"] for r in records if r.get("stage") == stage}
+    return (times[50] - times[0]) / 50 if 0 in times and 50 in times else None
+
+
+def plan(options: list[str], probe_dir: Path, budget: float) -> dict:
+    """The steps a run gets: what is left of `budget` after its VAE stage, over its time per UNet step."""
+    args = train.parse_args(options)
+    unet_step = _seconds_per_step(probe_dir / "train_log.jsonl", "unet")
+    if unet_step is None:
+        raise SystemExit(f"the timing run in {probe_dir} logged no UNet steps 0 and 50: see its stdout.log")
+    vae_seconds = 0.0
+    if args.vae_from is None:
+        crop = _seconds_per_step(probe_dir / "train_log.jsonl", "vae") or 0.0
+        # whole-image steps cost about four times a crop's (a quarter of the pixels)
+        vae_seconds = crop * (args.vae_steps - args.vae_full_steps + 4 * args.vae_full_steps)
+    steps = max(100, int((budget - vae_seconds) / unet_step) // 100 * 100)
+    return {"steps": steps, "unet_seconds_per_step": round(unet_step, 4), "vae_seconds": round(vae_seconds, 1)}
+
+
+def pack(run_dir: Path, tar_path: Path) -> str:
+    """Tar the run's pipeline folder (or, if it was stopped, its last checkpoint) with its logs; the status."""
+    logs = [p for p in ("train_log.jsonl", "stdout.log", "train_summary.json") if (run_dir / p).exists()]
+    if (run_dir / "train_summary.json").exists():
+        folder, status = run_dir, "finished"
+    else:
+        steps = sorted(run_dir.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
+        if not steps:
+            status = "stopped before its first checkpoint"
+            folder = None
+        else:
+            folder, status = steps[-1], f"stopped; packed {steps[-1].name}"
+    with tarfile.open(tar_path, "w") as tar:
+        if folder is not None:
+            for part in folder.iterdir():
+                if part.name not in ("checkpoints", *logs):
+                    tar.add(part, arcname=part.name)
+        for name in logs:
+            tar.add(run_dir / name, arcname=name)
+    return status
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m sdviz.toy.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", type=Path, required=True, help="folder for the runs, their tars and sweep.json")
+    p.add_argument(
+        "--run",
+        nargs=2,
+        action="append",
+        required=True,
+        metavar=("NAME", "OPTIONS"),
+        help="a recipe: its name and its `python -m sdviz.toy.train` options as one string (repeatable)",
+    )
+    p.add_argument("--budget", type=float, required=True, help="seconds each run's training stages should take")
+    p.add_argument(
+        "--deadline", type=float, default=None, help="seconds after the start at which unfinished runs are stopped"
+    )
+    p.add_argument("--device", default="cuda", help="the device every run trains on (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of each run (default: %(default)s)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint interval of each run (default: %(default)s)")
+    args = p.parse_args(argv)
+    start = time.time()
+    args.out.mkdir(parents=True, exist_ok=True)
+    common = ["--device", args.device, "--threads", str(args.threads)]
+    runs = {name: shlex.split(options) for name, options in args.run}
+    for options in runs.values():
+        train.parse_args(options)  # a typo fails here, before any machine time is spent
+
+    # 1. Time one step of every recipe, all running at once as they will.
+    probes = {name: _launch([*options, *PROBE], args.out / f"probe-{name}", common) for name, options in runs.items()}
+    for proc in probes.values():
+        proc.wait()
+    probe_seconds = time.time() - start
+    plans = {name: plan(options, args.out / f"probe-{name}", args.budget) for name, options in runs.items()}
+    print(f"timed in {probe_seconds:.0f} s: {json.dumps(plans)}", flush=True)
+
+    # 2. Train each for its steps, all at once; stop what is still running at the deadline.
+    procs = {
+        name: _launch(
+            [*options, "--steps", str(plans[name]["steps"]), "--save-every", str(args.save_every)],
+            args.out / name,
+            common,
+        )
+        for name, options in runs.items()
+    }
+    while any(proc.poll() is None for proc in procs.values()):
+        if args.deadline is not None and time.time() - start > args.deadline:
+            for proc in procs.values():
+                proc.terminate()
+            break
+        time.sleep(2)
+    summary = {"probe_seconds": round(probe_seconds, 1), "runs": {}}
+    for name, proc in procs.items():
+        proc.wait()
+        status = pack(args.out / name, args.out / f"{name}.tar")
+        summary["runs"][name] = {
+            "options": shlex.join(runs[name]),
+            **plans[name],
+            "returncode": proc.returncode,
+            "status": status,
+        }
+    summary["seconds"] = round(time.time() - start, 1)
+    (args.out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2), flush=True)
+
+
+if __name__ == "__main__":
+    main()
