@@ -4,6 +4,7 @@ import json
 import os
 import random
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from diffusers.models.attention_processor import Attention  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import sdviz  # noqa: E402
-from sdviz.toy import evaluate, probe, speed, train, world  # noqa: E402
+from sdviz.toy import evaluate, probe, speed, sweep, train, world  # noqa: E402
 
 MODEL = train.DEFAULT_OUT
 # What the shipped model scores on the tests below, less a margin (measured; see each test).
@@ -555,3 +556,61 @@ def test_speed_prints_one_row_per_variant_relative_to_the_shipped_model(capsys):
     assert [r.split(" | ")[0][2:] for r in rows[1:]] == list(speed.VARIANTS)
     assert rows[1].split(" | ")[1:3] == ["16×16", "4.21 M"] and rows[1].endswith(" | 1.00 |")
     assert all(" | 32×32 | " in r for r in rows[2:])
+
+
+# -- training several recipes side by side (sdviz.toy.sweep) ---------------------------------------------
+
+
+def _write_log(folder, records):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_sweep_plans_the_steps_that_fit_the_budget_after_the_vae_stage(tmp_path):
+    _write_log(
+        tmp_path,
+        [
+            {"stage": "vae", "step": 0, "seconds": 1.0},
+            {"stage": "vae", "step": 50, "seconds": 2.0},  # 0.02 s a crop step
+            {"stage": "unet", "step": 0, "seconds": 1.0},
+            {"stage": "unet", "step": 50, "seconds": 11.0},  # 0.2 s a step
+        ],
+    )
+    reused = sweep.plan(["--vae-from", "somewhere"], tmp_path, budget=100, safety=1.0)
+    assert reused == {"steps": 500, "unet_seconds_per_step": 0.2, "vae_seconds": 0.0}
+    assert sweep.plan(["--vae-from", "somewhere"], tmp_path, budget=100, safety=0.5)["steps"] == 200
+    # A VAE of its own: 1,500 crop steps and 400 whole-image steps (4 crops each) = 62 s, 38 s left = 190 steps,
+    # rounded down to a hundred.
+    own = sweep.plan([], tmp_path, budget=100, safety=1.0)
+    assert own["vae_seconds"] == pytest.approx(62.0) and own["steps"] == 100
+    _write_log(tmp_path, [{"stage": "unet", "step": 0, "seconds": 1.0}])
+    with pytest.raises(SystemExit, match="logged no UNet steps 0 and 50"):
+        sweep.plan([], tmp_path, budget=100)
+
+
+def test_sweep_packs_a_finished_run_without_its_checkpoints_and_a_stopped_one_from_its_last(tmp_path):
+    done = tmp_path / "done"
+    _write_log(done, [{"stage": "unet", "step": 0}])
+    (done / "model_index.json").write_text("{}")
+    (done / "train_summary.json").write_text("{}")
+    (done / "checkpoints" / "step-500").mkdir(parents=True)
+    (done / "checkpoints" / "state.pt").write_bytes(b"training state")
+    assert sweep.pack(done, tmp_path / "done.tar") == "finished"
+    with tarfile.open(tmp_path / "done.tar") as tar:
+        assert sorted(tar.getnames()) == ["model_index.json", "train_log.jsonl", "train_summary.json"]
+
+    stopped = tmp_path / "stopped"
+    _write_log(stopped, [{"stage": "unet", "step": 0}])
+    for step in (500, 1000):  # 1000 is the later one, though it sorts first as text
+        (stopped / "checkpoints" / f"step-{step}" / "unet").mkdir(parents=True)
+        (stopped / "checkpoints" / f"step-{step}" / "unet" / "weights").write_text(str(step))
+    assert sweep.pack(stopped, tmp_path / "stopped.tar") == "stopped; packed step-1000"
+    with tarfile.open(tmp_path / "stopped.tar") as tar:
+        assert tar.extractfile("unet/weights").read() == b"1000"
+        assert "train_log.jsonl" in tar.getnames() and not any("checkpoints" in n for n in tar.getnames())
+
+    empty = tmp_path / "empty"
+    _write_log(empty, [])
+    assert sweep.pack(empty, tmp_path / "empty.tar") == "stopped before its first checkpoint"
+    with tarfile.open(tmp_path / "empty.tar") as tar:
+        assert tar.getnames() == ["train_log.jsonl"]
