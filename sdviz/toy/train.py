@@ -1,8 +1,9 @@
-"""Train the toy Stable Diffusion on the shapes world, on CPU, and save it as a diffusers folder.
+"""Train the toy Stable Diffusion on the shapes world (on CPU or a GPU) and save it as a diffusers folder.
 
     python -m sdviz.toy.train                 # from scratch, the shipped model's recipe (the model card has the
                                               # command that made it and how long it took)
     python -m sdviz.toy.train --quick --out /tmp/toy   # the whole recipe in seconds, for tests
+    python -m sdviz.toy.train --device cuda ...         # on a GPU (python -m sdviz.toy.sweep: several at once)
 
 Stage 1 trains the VAE on rendered scenes; the scenes are then encoded once, and stage 2 trains the
 text encoder (from scratch) and the UNet together on those latents, with caption dropout for
