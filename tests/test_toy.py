@@ -614,3 +614,11 @@ def test_sweep_packs_a_finished_run_without_its_checkpoints_and_a_stopped_one_fr
     assert sweep.pack(empty, tmp_path / "empty.tar") == "stopped before its first checkpoint"
     with tarfile.open(tmp_path / "empty.tar") as tar:
         assert tar.getnames() == ["train_log.jsonl"]
+
+
+def test_a_run_trained_on_one_device_resumes_on_another_but_not_with_other_options(tmp_path):
+    saved = {"args": train._jsonable(train.parse_args(["--device", "cuda", "--threads", "2"])), "step": 7}
+    torch.save(saved, tmp_path / "state.pt")
+    assert train._load_checkpoint(tmp_path / "state.pt", train.parse_args([]))["step"] == 7
+    with pytest.raises(SystemExit, match="--steps 4000 \\(now 10\\)"):
+        train._load_checkpoint(tmp_path / "state.pt", train.parse_args(["--steps", "10"]))
