@@ -7,6 +7,7 @@ diffusers folder. safetensors only, never remote code. Offline and not cached fa
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -143,8 +144,10 @@ def load_pipeline(name_or_path: str = "toy", device=None, dtype: torch.dtype | N
     source = resolve(name_or_path)
     local = Path(source).expanduser()
     device = pick_device(device)
-    is_toy = local.resolve() == TOY_MODEL_DIR.resolve() if local.exists() else False
-    dtype = dtype or pick_dtype(device, large=not is_toy)
+    # A local folder is large by its UNet's size (the built-in model and small test models stay fp32); a Hub
+    # model is a real one.
+    unet_size = unet_parameters(local) if local.is_dir() else None
+    dtype = dtype or pick_dtype(device, large=unet_size is None or unet_size >= SMALL_UNET)
     kwargs = dict(use_safetensors=True, dtype=dtype)
 
     if local.is_dir():
@@ -168,6 +171,21 @@ def load_pipeline(name_or_path: str = "toy", device=None, dtype: torch.dtype | N
         )
     _check_traceable(pipe, source)
     return pipe.to(device)
+
+
+def unet_parameters(folder: Path) -> int | None:
+    """The number of parameters in a pipeline folder's UNet weights, read from the safetensors headers
+    without loading them; None when the folder has no such file."""
+    from safetensors import safe_open
+
+    files = sorted((folder / "unet").glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 (safe_open is not a dict)
+    return total
 
 
 def _extra_kwargs(model_index: Path) -> dict:

@@ -101,6 +101,18 @@ def test_default_dtypes():
     assert pick_dtype(torch.device("cpu"), large=True) == (torch.bfloat16 if amx else torch.float32)
 
 
+def test_a_local_folder_is_large_by_its_unets_parameters_read_without_loading_them(tmp_path):
+    from sdviz.loading import SMALL_UNET, unet_parameters
+
+    pipe = build_random_pipeline("sd1")
+    pipe.save_pretrained(tmp_path, safe_serialization=True)
+    assert unet_parameters(tmp_path) == sum(p.numel() for p in pipe.unet.parameters()) < SMALL_UNET
+    assert unet_parameters(tmp_path / "nowhere") is None
+    # So it loads in fp32 on every CPU, AMX or not (the previous rule made every local folder but the
+    # built-in one "large", and a small test model bf16 on AMX machines).
+    assert sdviz.load_pipeline(str(tmp_path), device="cpu").unet.dtype == torch.float32
+
+
 def test_presets_point_at_the_real_hub_ids():
     assert sdviz.PRESETS["sd15"].source == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert sdviz.PRESETS["sdxl"].source == "stabilityai/stable-diffusion-xl-base-1.0"
