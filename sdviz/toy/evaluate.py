@@ -227,17 +227,18 @@ def grammar_ceiling(scenes, reconstructions) -> dict:
     return out
 
 
+def draw(pipe, caption: str, seed: int, guidance: float, steps: int, size: int):
+    """One generation of `caption` with the evaluation's settings: the PIL image."""
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(
+        caption, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, generator=generator
+    ).images[0]
+
+
 def generate(pipe, caption: str, seed: int, guidance: float, steps: int, size: int) -> tuple[np.ndarray, object]:
     """One traced generation: (image [H, W, 3] uint8, its TraceResult)."""
     with sdviz.trace(pipe) as tracer:
-        image = pipe(
-            caption,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=size,
-            width=size,
-            generator=torch.Generator().manual_seed(seed),
-        ).images[0]
+        image = draw(pipe, caption, seed, guidance, steps, size)
     return np.asarray(image), tracer.result
 
 
@@ -413,14 +414,7 @@ TIMED_CAPTION = "a small blue square on the left and a yellow triangle"
 def timed_generation(pipe, guidance: float, steps: int, size: int, seed: int = 0) -> float:
     """Seconds for one untraced generation of TIMED_CAPTION."""
     start = time.perf_counter()
-    pipe(
-        TIMED_CAPTION,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        height=size,
-        width=size,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    draw(pipe, TIMED_CAPTION, seed, guidance, steps, size)
     return time.perf_counter() - start
 
 
