@@ -9,6 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -437,7 +438,9 @@ def test_colour_swap_redraws_only_colour_words_and_invariance_is_zero_only_if_sh
     captions = ["a red circle and a blue triangle", "a large green square on the left", ""]
     tok = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
     gen = torch.Generator().manual_seed(0)
-    draws = torch.stack([train.colour_swapped(tok, colour_of, gen) for _ in range(50)])  # [50, 3, 77]
+    draws = torch.stack(
+        [train.colour_swapped(tok, colour_of, train.class_ids(colour_of), gen) for _ in range(50)]
+    )  # [50, 3, 77]
     is_colour = colour_of[tok] >= 0
     assert is_colour.sum() == 3 and (draws[:, ~is_colour] == tok[~is_colour]).all()
     drawn = {tokenizer.convert_ids_to_tokens(int(i)) for i in draws[:, is_colour].unique()}
@@ -505,6 +508,78 @@ def test_shape_read_loss_is_zero_once_an_objects_pixels_give_its_word_the_target
     assert loss(0.25) == 0 and loss(0.9) == 0
     assert loss(0.0, share_outside=0.9) == pytest.approx(1.0)  # only the object's own pixels count
     assert train.word_read_loss([Probe(torch.zeros(2, 16, 77))], reads & False, owner, masks, 0.25).item() == 0
+
+
+class _DeviceReads(TorchDispatchMode):
+    """Records the ops that read a tensor's value back to the host (on a GPU: make the CPU wait for it).
+
+    Reads of the optimisers' step counters (in `optimisers`) are left out: torch keeps them on the host on
+    every device (`capturable=False`), so reading them never waits for a GPU.
+    """
+
+    READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2"}
+
+    def __init__(self, events, optimisers):
+        super().__init__()
+        self.events, self.optimisers = events, optimisers
+
+    def _host_counter(self, t) -> bool:
+        return any(t is state.get("step") for opt in self.optimisers for state in opt.state.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        indices = args[1] if name.startswith(("aten::index", "aten::_index_put")) and len(args) > 1 else ()
+        bool_index = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
+        if name in self.READS and not self._host_counter(args[0]) or bool_index:
+            self.events.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_with_every_loss_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
+    events, optimisers = [], []
+    draw, run = train.draw_batch, train.train_unet
+
+    class RecordedAdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            optimisers.append(self)
+
+    def marked_draw(*args, **kwargs):
+        events.append("step")
+        return draw(*args, **kwargs)
+
+    def recorded_run(*args, **kwargs):
+        with _DeviceReads(events, optimisers):
+            return run(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordedAdamW)
+    monkeypatch.setattr(train, "draw_batch", marked_draw)
+    monkeypatch.setattr(train, "train_unet", recorded_run)
+    losses = ["--shape-loss", "1", "--shape-read", "1", "--shape-invariance", "1", "--colour-read", "1"]
+    train.main(["--quick", "--out", str(tmp_path / "run"), "--save-every", "0", "--object-weight", "1", *losses])
+    steps = " ".join(events).split("step")[1:]  # what each of the 3 steps read back
+    assert len(steps) == 3
+    # Steps 0 and 2 log their losses (.item()), so the recorder sees reads; step 1 logs nothing and reads nothing.
+    assert "aten::_local_scalar_dense" in steps[0] and "aten::_local_scalar_dense" in steps[2]
+    assert steps[1].split() == []
+
+
+def test_masked_losses_equal_the_boolean_indexed_ones_and_are_zero_where_no_word_is():
+    gen = torch.Generator().manual_seed(0)
+    x, mask = torch.randn(4, 77, generator=gen), torch.rand(4, 77, generator=gen) < 0.2
+    assert torch.allclose(train.masked_mean(x, mask), x[mask].mean())
+    assert train.masked_mean(x, torch.zeros_like(mask)) == 0
+
+    tokenizer = train.world_tokenizer()
+    shape_of = train.word_classes(tokenizer, world.SHAPES)
+    captions = ["a red circle and a blue triangle", "a large green square on the left", "a small yellow circle"]
+    tok = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    cond, other = torch.randn(3, 77, 8, generator=gen), torch.randn(3, 77, 8, generator=gen)
+    directions = train.class_directions(8, 3, 0)
+    at = shape_of[tok] >= 0
+    expected = torch.nn.functional.cross_entropy(cond[at] @ directions.T, shape_of[tok][at])
+    assert torch.allclose(train.shape_word_loss(cond, tok, shape_of, directions), expected)
+    assert torch.allclose(train.shape_invariance_loss(cond, other, tok, shape_of), (cond[at] - other[at]).pow(2).mean())
 
 
 def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):

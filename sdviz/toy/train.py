@@ -19,6 +19,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -259,6 +260,16 @@ def word_maps(probes, owner: torch.Tensor, detach: torch.Tensor, masks: torch.Te
         yield probs, F.adaptive_avg_pool2d(tok_masks, res).flatten(2).transpose(1, 2)
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of `x` where `mask` (same shape, bool) is set; 0 where it is set nowhere.
+
+    The same value as `x[mask].mean()` (up to the order of the sum) without asking the device how many
+    elements are set: boolean indexing, `.any()` and `.item()` make the CPU wait for a GPU, and a training
+    step of a model this small is bound by such waits and launches, not by arithmetic.
+    """
+    return torch.where(mask, x, 0).sum() / mask.sum().clamp(min=1)
+
+
 def attention_loss(probes, owner: torch.Tensor, detach: torch.Tensor, masks: torch.Tensor):
     """(share, cover) losses of the object words' cross-attention, each averaged over words and layers.
 
@@ -268,15 +279,13 @@ def attention_loss(probes, owner: torch.Tensor, detach: torch.Tensor, masks: tor
     Tokens where `detach` [b, 77] is set are scored on maps that pass no gradient to the text encoder.
     """
     valid = owner >= 0  # [b, 77]
-    if not valid.any():
-        return torch.zeros(()), torch.zeros(())
     shares, covers = [], []
     for probs, m in word_maps(probes, owner, detach, masks):
         share = (probs * m).sum(1) / probs.sum(1).clamp(min=1e-8)  # [b, 77]
-        shares.append(((1 - share) ** 2)[valid].mean())
+        shares.append(masked_mean((1 - share) ** 2, valid))
         q = probs / probs.amax(1, keepdim=True).clamp(min=1e-8)  # [b, hw, 77], peak 1
         dice = (2 * (q * m).sum(1) + 1e-3) / (q.sum(1) + m.sum(1) + 1e-3)  # [b, 77]
-        covers.append((1 - dice)[valid].mean())
+        covers.append(masked_mean(1 - dice, valid))
     return torch.stack(shares).mean(), torch.stack(covers).mean()
 
 
@@ -303,15 +312,18 @@ def shape_word_loss(cond: torch.Tensor, tok: torch.Tensor, shape_of: torch.Tenso
     "circle", "square" and "triangle" lie apart, by several units along those directions.
     """
     labels = shape_of[tok]  # [b, 77]
-    if not (labels >= 0).any():
-        return torch.zeros(())
-    return F.cross_entropy(cond[labels >= 0] @ directions.T, labels[labels >= 0])
+    ce = F.cross_entropy((cond @ directions.T).transpose(1, 2), labels.clamp(min=0), reduction="none")  # [b, 77]
+    return masked_mean(ce, labels >= 0)
 
 
-def colour_swapped(tok: torch.Tensor, colour_of: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def class_ids(classes: torch.Tensor) -> torch.Tensor:
+    """The token ids of the words of `word_classes`, in the order of their words."""
+    return (classes >= 0).nonzero()[:, 0][classes[classes >= 0].argsort()]
+
+
+def colour_swapped(tok: torch.Tensor, colour_of: torch.Tensor, colour_ids: torch.Tensor, gen: torch.Generator):
     """`tok` [b, 77] with every colour word replaced by a colour drawn at random (`colour_of`: `word_classes`
-    of the colours), everything else as it was."""
-    colour_ids = (colour_of >= 0).nonzero()[:, 0][colour_of[colour_of >= 0].argsort()]  # [colours]
+    of the colours, `colour_ids`: its `class_ids`), everything else as it was."""
     drawn = colour_ids[torch.randint(len(colour_ids), tok.shape, generator=gen).to(tok.device)]
     return torch.where(colour_of[tok] >= 0, drawn, tok)
 
@@ -320,10 +332,7 @@ def shape_invariance_loss(cond: torch.Tensor, swapped: torch.Tensor, tok: torch.
     """Mean squared difference (per channel) of the text encoder's output at each shape word between a caption
     (`cond`) and the same caption with its colours redrawn (`swapped`, from `colour_swapped`): zero when what
     the UNet reads at "circle" does not depend on the colour before it."""
-    at = shape_of[tok] >= 0
-    if not at.any():
-        return torch.zeros(())
-    return (cond[at] - swapped[at]).pow(2).mean()
+    return masked_mean((cond - swapped).pow(2).mean(-1), shape_of[tok] >= 0)
 
 
 def word_read_loss(probes, reads: torch.Tensor, owner: torch.Tensor, masks: torch.Tensor, target: float):
@@ -334,14 +343,12 @@ def word_read_loss(probes, reads: torch.Tensor, owner: torch.Tensor, masks: torc
     (1 − min(1, r / target))². The share-of-mass loss says where a word's map goes; this says whether the
     object reads the word at all. Scored on the maps that pass no gradient to the text encoder.
     """
-    if not reads.any():
-        return torch.zeros(())
     losses = []
     for probs, m in word_maps(probes, owner, torch.ones_like(reads), masks):
         inside = m.sum(1)  # [b, 77]
         r = (probs * m).sum(1) / inside.clamp(min=1e-6)
         valid = reads & (inside > 0)
-        losses.append(((1 - (r / target).clamp(max=1)) ** 2)[valid].mean())
+        losses.append(masked_mean((1 - (r / target).clamp(max=1)) ** 2, valid))
     return torch.stack(losses).mean()
 
 
@@ -350,15 +357,15 @@ def add_caption_losses(loss, args, text_encoder, probes, cond, tok, own, detach,
 
     The attention losses (`attn`, `cover`; zero without probes) are always there, then those of
     `shape`, `invariance`, `read` and `colour_read` that `args` switches on. `tok`, `own`, `detach`,
-    `masks`: the batch's; `words`: (shape_of, colour_of, class directions, the colour-redrawing generator).
+    `masks`: the batch's; `words`: a `Words`.
     """
-    shape_of, colour_of, directions, swap_gen = words
+    shape_of, colour_of, colour_ids, directions, swap_gen = words
     terms = {"attn": torch.zeros(()), "cover": torch.zeros(())}
     if args.shape_loss:
         terms["shape"] = shape_word_loss(cond, tok, shape_of, directions)
         loss = loss + args.shape_loss * terms["shape"]
     if args.shape_invariance:
-        swapped = text_encoder(colour_swapped(tok, colour_of, swap_gen)).last_hidden_state
+        swapped = text_encoder(colour_swapped(tok, colour_of, colour_ids, swap_gen)).last_hidden_state
         terms["invariance"] = shape_invariance_loss(cond, swapped, tok, shape_of)
         loss = loss + args.shape_invariance * terms["invariance"]
     if probes:
@@ -371,6 +378,79 @@ def add_caption_losses(loss, args, text_encoder, probes, cond, tok, own, detach,
                 terms[name] = word_read_loss(probes, reads, own, targets, args.shape_read_target)
                 loss = loss + weight * terms[name]
     return loss, terms
+
+
+class Words(NamedTuple):
+    """What the caption losses need to find and score the words: `word_classes` of the shapes and the colours
+    (on the device), the colours' `class_ids`, the shapes' `class_directions` and the colour-redrawing generator."""
+
+    shape_of: torch.Tensor
+    colour_of: torch.Tensor
+    colour_ids: torch.Tensor
+    directions: torch.Tensor
+    swap_gen: torch.Generator
+
+    @classmethod
+    def of(cls, tokenizer, dim: int, seed: int, swap_gen: torch.Generator, device="cpu") -> Words:
+        shape_of, colour_of = (word_classes(tokenizer, w) for w in (world.SHAPES, world.COLOURS))
+        directions = class_directions(dim, len(world.SHAPES), seed)
+        on = (x.to(device) for x in (shape_of, colour_of, class_ids(colour_of), directions))
+        return cls(*on, swap_gen)
+
+
+class Batch(NamedTuple):
+    """One training batch: latents x0 (scaled), their noise and timesteps, token ids (`tok`), each token's object
+    (`own`, -1 for none), the tokens whose maps pass no gradient to the text encoder (`detach`), object masks."""
+
+    x0: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    tok: torch.Tensor
+    own: torch.Tensor
+    detach: torch.Tensor
+    masks: torch.Tensor
+
+
+def draw_batch(data, gen: torch.Generator, empty_ids: torch.Tensor, args) -> Batch:
+    """A `Batch` of `args.batch` scenes from `data` (latents, ids, owner, detach, masks, all on one device),
+    a share `args.caption_dropout` of them with the empty caption (unconditional, for CFG). The draws come
+    from `gen`, a CPU generator, so a run draws the same batches, noise and timesteps on any device."""
+    latents, ids, owner, detach, masks = data
+    device = latents.device
+    idx = torch.randint(len(latents), (args.batch,), generator=gen).to(device)
+    drop = (torch.rand(args.batch, generator=gen) < args.caption_dropout).to(device)[:, None]
+    noise = torch.randn((args.batch, *latents.shape[1:]), generator=gen).to(device)
+    t = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
+    tok = torch.where(drop, empty_ids, ids[idx])
+    own = torch.where(drop, -1, owner[idx])
+    return Batch(latents[idx] * args.scaling, noise, t, tok, own, detach[idx], masks[idx])
+
+
+def step_loss(unet, text_encoder, batch: Batch, sched, probes, words: Words, args):
+    """(denoising loss, total loss, caption loss terms by log name) of one training step on `batch`.
+
+    No value is read back from the device here (see `masked_mean`): on a GPU the step's kernels queue up
+    without the CPU waiting for them.
+    """
+    xt = sched.add_noise(batch.x0, batch.noise, batch.t)
+    cond = text_encoder(batch.tok).last_hidden_state  # [b, 77, d]
+    pred = unet(xt, batch.t, encoder_hidden_states=cond).sample
+    # min-SNR-5 weights for epsilon prediction: stop easy low-noise steps from dominating.
+    alphas = sched.alphas_cumprod.to(xt.device)[batch.t]
+    snr = alphas / (1 - alphas)
+    w = snr.clamp(max=5.0) / snr
+    err = (pred - batch.noise).pow(2).mean(1)  # [b, h, w]
+    if args.object_weight:
+        # Objects (and a latent pixel around them, where their outline is) weigh 1 + object_weight
+        # times the background, which fills ~90 % of a scene: the shape is in those pixels.
+        near = F.max_pool2d(batch.masks.amax(1, keepdim=True), 3, stride=1, padding=1)[:, 0]  # [b, h, w]
+        pix = 1 + args.object_weight * near
+        err = err * pix / pix.mean((1, 2), keepdim=True)
+    loss_mse = (w * err.mean((1, 2))).mean()
+    loss, terms = add_caption_losses(
+        loss_mse, args, text_encoder, probes, cond, batch.tok, batch.own, batch.detach, batch.masks, words
+    )
+    return loss_mse, loss, terms
 
 
 def train_unet(
@@ -386,12 +466,9 @@ def train_unet(
     unet.to(device), text_encoder.to(device)
     # The data lives on the device; the random draws stay on CPU generators, so a run draws the same
     # batches, noise and timesteps on any device.
-    latents, ids, owner, detach, masks = (x.to(device) for x in (latents, ids, owner, detach, masks))
+    data = tuple(x.to(device) for x in (latents, ids, owner, detach, masks))
     sched = DDIMScheduler(**SD_SCHEDULE)
-    directions = class_directions(text_encoder.config.hidden_size, len(world.SHAPES), args.seed + 3).to(device)
-    alphas = sched.alphas_cumprod.to(device)  # [1000]
-    snr = alphas / (1 - alphas)
-    empty_ids = ids[:1].clone()
+    empty_ids = ids[:1].clone().to(device)
     empty_ids[:, 1:] = ids[0, -1]  # "" = <|startoftext|> then padding, as the pipeline tokenizes it
     probes = {}
     procs = {}
@@ -408,10 +485,9 @@ def train_unet(
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     gen = torch.Generator().manual_seed(args.seed + 1)
-    shape_of, colour_of = (word_classes(tokenizer, w).to(device) for w in (world.SHAPES, world.COLOURS))
     # The redrawn colours have a generator of their own, so the batches are the same with and without it.
     swap_gen = torch.Generator().manual_seed(args.seed + 4)
-    words = (shape_of, colour_of, directions, swap_gen)
+    words = Words.of(tokenizer, text_encoder.config.hidden_size, args.seed + 3, swap_gen, device)
     start = 0
     if resume is not None:
         unet.load_state_dict(resume["unet"])
@@ -428,29 +504,8 @@ def train_unet(
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        idx = torch.randint(len(latents), (args.batch,), generator=gen).to(device)
-        x0 = latents[idx] * args.scaling
-        tok, own = ids[idx].clone(), owner[idx].clone()
-        drop = (torch.rand(args.batch, generator=gen) < args.caption_dropout).to(device)  # unconditional for CFG
-        tok[drop], own[drop] = empty_ids, -1
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
-        xt = sched.add_noise(x0, noise, t)
-        cond = text_encoder(tok).last_hidden_state  # [b, 77, d]
-        pred = unet(xt, t, encoder_hidden_states=cond).sample
-        # min-SNR-5 weights for epsilon prediction: stop easy low-noise steps from dominating.
-        w = snr[t].clamp(max=5.0) / snr[t]
-        err = (pred - noise).pow(2).mean(1)  # [b, h, w]
-        if args.object_weight:
-            # Objects (and a latent pixel around them, where their outline is) weigh 1 + object_weight
-            # times the background, which fills ~90 % of a scene: the shape is in those pixels.
-            near = F.max_pool2d(masks[idx].amax(1, keepdim=True), 3, stride=1, padding=1)[:, 0]  # [b, h, w]
-            pix = 1 + args.object_weight * near
-            err = err * pix / pix.mean((1, 2), keepdim=True)
-        loss_mse = (w * err.mean((1, 2))).mean()
-        loss, terms = add_caption_losses(
-            loss_mse, args, text_encoder, list(probes.values()), cond, tok, own, detach[idx], masks[idx], words
-        )
+        batch = draw_batch(data, gen, empty_ids, args)
+        loss_mse, loss, terms = step_loss(unet, text_encoder, batch, sched, list(probes.values()), words, args)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
