@@ -5,6 +5,7 @@ import os
 import random
 import shutil
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -689,6 +690,34 @@ def test_sweep_packs_a_finished_run_without_its_checkpoints_and_a_stopped_one_fr
     assert sweep.pack(empty, tmp_path / "empty.tar") == "stopped before its first checkpoint"
     with tarfile.open(tmp_path / "empty.tar") as tar:
         assert tar.getnames() == ["train_log.jsonl"]
+
+
+def test_sweep_trains_packs_and_evaluates_a_recipe_so_its_figures_come_back_with_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "PROBE", ["--scenes", "64", "--steps", "60", "--save-every", "0"])
+    options = "--vae-from sdviz/toy/model --channels 16 32 --batch 4 --scenes 64"
+    evaluation = "--captions 2 --seeds 1 --scenes 2"
+    out = tmp_path / "runs"
+    sweep.main(
+        ["--out", str(out), "--budget", "1", "--device", "cpu", "--threads", "1", "--save-every", "0"]
+        + ["--run", "tiny", options, "--evaluate", evaluation]
+    )
+    summary = json.loads((out / "sweep.json").read_text())["runs"]["tiny"]
+    assert summary["steps"] == 100 and summary["status"] == "finished" and summary["evaluation"] == "evaluated"
+    figures = json.loads((out / "tiny.eval.json").read_text())
+    assert len(figures["generated"]["per_image"]) == 2
+    printed = (out / "tiny.eval.txt").read_text()
+    assert f"shape right (objects whose colour is there) | {figures['generated']['shape_correct']:.1%}" in printed
+    with tarfile.open(out / "tiny.tar") as tar:
+        assert "unet/diffusion_pytorch_model.safetensors" in tar.getnames()
+    with pytest.raises(SystemExit):
+        sweep.main(["--out", str(out), "--budget", "1", "--run", "tiny", options, "--evaluate", "--captoins 2"])
+
+
+def test_an_evaluation_still_running_at_the_end_is_stopped_and_says_so(tmp_path):
+    start = time.time()
+    outcome = sweep.evaluate_all({"shipped": MODEL}, tmp_path, [], threads=1, start=start, end=0)
+    assert outcome["shipped"].startswith("evaluation failed or was stopped") and time.time() - start < 30
+    assert not (tmp_path / "shipped.eval.json").exists()
 
 
 def test_a_run_trained_on_one_device_resumes_on_another_but_not_with_other_options(tmp_path):

@@ -664,7 +664,7 @@ def load_model(folder: str | None):
     return StableDiffusionPipeline.from_pretrained(folder)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m sdviz.toy.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -695,7 +695,11 @@ def main(argv=None) -> None:
         help="with --probe: image side to generate at, for a model trained with python -m sdviz.toy.train --size "
         "(the checks are relative to the image side)",
     )
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load_model(args.model)
     if args.probe:
