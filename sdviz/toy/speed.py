@@ -31,9 +31,14 @@ VARIANTS = {
 }
 
 
+def scene_size(pipe: StableDiffusionPipeline) -> int:
+    """The image side `pipe` draws by default: its latent side times the VAE's factor."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
 def variant(shipped: StableDiffusionPipeline, vae_channels, unet_channels) -> StableDiffusionPipeline:
     """A pipeline sharing `shipped`'s text side and scheduler, with a fresh VAE and UNet of these widths."""
-    size = shipped.unet.config.sample_size * shipped.vae_scale_factor
+    size = scene_size(shipped)
     vae = train.build_vae(size, vae_channels)
     latent = size // 2 ** (len(vae_channels) - 1)
     unet = train.build_unet(latent, unet_channels, shipped.text_encoder.config.hidden_size)
@@ -58,7 +63,7 @@ def measure(model: str | None = None, repeats: int = 5, steps: int = 20, guidanc
     shipped = load_model(model)
     shipped.set_progress_bar_config(disable=True)
     pipes = {name: shipped if spec is None else variant(shipped, *spec) for name, spec in VARIANTS.items()}
-    size = shipped.unet.config.sample_size * shipped.vae_scale_factor
+    size = scene_size(shipped)
     times = {name: [] for name in pipes}
     for rep in range(repeats + 1):
         for name, pipe in pipes.items():
