@@ -519,6 +519,7 @@ class _DeviceReads(TorchDispatchMode):
     """
 
     READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2"}
+    INDEXING = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}  # (x, indices, ...)
 
     def __init__(self, events, optimisers):
         super().__init__()
@@ -529,8 +530,8 @@ class _DeviceReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name
-        indices = args[1] if name.startswith(("aten::index", "aten::_index_put")) and len(args) > 1 else ()
-        bool_index = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
+        indices = args[1] if name in self.INDEXING else ()
+        bool_index = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
         if name in self.READS and not self._host_counter(args[0]) or bool_index:
             self.events.append(name)
         return func(*args, **(kwargs or {}))

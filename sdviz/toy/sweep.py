@@ -170,7 +170,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     eval_options = None if args.evaluate is None else shlex.split(args.evaluate)
     if eval_options is not None:
-        evaluate.parse_args([*eval_options, "--model", "x"])  # a typo fails here too
+        evaluate.parse_args(eval_options)  # a typo fails here too
     start = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     common = ["--device", args.device, "--threads", str(args.threads)]
