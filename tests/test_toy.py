@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from diffusers import StableDiffusionPipeline  # noqa: E402
+from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
 from diffusers.models.attention_processor import Attention  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
@@ -353,6 +353,20 @@ def test_quick_training_runs_end_to_end_and_saves_a_loadable_pipeline(tmp_path):
     assert json.loads((tmp_path / "train_summary.json").read_text())["args"]["sizes"] == [0, 0, 1]
     steps = [r["step"] for r in map(json.loads, (tmp_path / "train_log.jsonl").read_text().splitlines()) if "step" in r]
     assert steps == [0, 2, 0, 2]  # VAE steps 0 and 2, then UNet steps 0 and 2
+
+
+def test_loss_weights_are_min_snr_5_by_default_and_a_floor_raises_the_x0_weight_of_high_noise_steps():
+    ac = DDIMScheduler(**train.SD_SCHEDULE).alphas_cumprod
+    snr = ac / (1 - ac)  # [1000], falling from ~1,200 at t = 0 to 0.0047 at t = 999
+    low, high = snr >= 5, snr < 5  # t below ~150 / above
+    default = train.loss_weights(snr)
+    # min-SNR-5 for ε-prediction: weight 1 once SNR < 5; above, the x0 error weighs 5 (ε weight 5 / SNR)
+    assert torch.all(default[high] == 1) and torch.allclose(default[low] * snr[low], torch.tensor(5.0))
+    floored = train.loss_weights(snr, floor=1.0)
+    x0_weight = floored * snr
+    assert torch.allclose(x0_weight.min(), torch.tensor(1.0)) and torch.allclose(x0_weight.max(), torch.tensor(5.0))
+    assert torch.equal(floored[snr >= 1], default[snr >= 1])  # only the steps with SNR < 1 (t > ~340) change
+    assert floored[999] > 200 * default[999]  # t = 999: its x0 error weighed 1 instead of 0.0047
 
 
 def test_attention_loss_targets_objects_for_object_words_and_named_halves_for_position_words():

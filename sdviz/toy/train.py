@@ -426,6 +426,18 @@ def draw_batch(data, gen: torch.Generator, empty_ids: torch.Tensor, args) -> Bat
     return Batch(latents[idx] * args.scaling, noise, t, tok, own, detach[idx], masks[idx])
 
 
+def loss_weights(snr: torch.Tensor, floor: float = 0.0, gamma: float = 5.0) -> torch.Tensor:
+    """Weights of the ε-prediction loss at signal-to-noise ratios `snr` [b].
+
+    An error e in x0 is an error √SNR·e in ε, so a weight w on the ε loss weighs the x0 error by w·SNR. These
+    weights make that x0 weight clamp(SNR, floor, gamma): min-SNR-γ (Hang et al. 2023) caps it at γ so the
+    easy low-noise steps don't dominate; with floor 0 it is SNR below γ, 0.006–0.4 over the upper half of SD's
+    schedule (t > 500), where what the caption asks for (which colours, shapes and places) is decided.
+    A floor raises those steps' x0 weight to `floor`.
+    """
+    return snr.clamp(min=floor, max=gamma) / snr
+
+
 def step_loss(unet, text_encoder, batch: Batch, sched, probes, words: Words, args):
     """(denoising loss, total loss, caption loss terms by log name) of one training step on `batch`.
 
@@ -435,10 +447,8 @@ def step_loss(unet, text_encoder, batch: Batch, sched, probes, words: Words, arg
     xt = sched.add_noise(batch.x0, batch.noise, batch.t)
     cond = text_encoder(batch.tok).last_hidden_state  # [b, 77, d]
     pred = unet(xt, batch.t, encoder_hidden_states=cond).sample
-    # min-SNR-5 weights for epsilon prediction: stop easy low-noise steps from dominating.
     alphas = sched.alphas_cumprod.to(xt.device)[batch.t]
-    snr = alphas / (1 - alphas)
-    w = snr.clamp(max=5.0) / snr
+    w = loss_weights(alphas / (1 - alphas), args.snr_floor)  # [b]
     err = (pred - batch.noise).pow(2).mean(1)  # [b, h, w]
     if args.object_weight:
         # Objects (and a latent pixel around them, where their outline is) weigh 1 + object_weight
@@ -586,6 +596,13 @@ def _add_caption_loss_options(p) -> None:
         type=float,
         default=1.0,
         help="weight of the loss making each object word's map (divided by its peak) fill its mask (0: off)",
+    )
+    g.add_argument(
+        "--snr-floor",
+        type=float,
+        default=0.0,
+        help="least weight of the x0 error at any noise level (see loss_weights; 0: min-SNR-5, the shipped model's "
+        "until this option; the model card measures how little the caption weighs at high noise without it)",
     )
     g.add_argument(
         "--object-weight",
