@@ -8,12 +8,15 @@ the colour before it a shape word's vector carries, and the share
 of cross-attention the words get in traced generations; then how much absolute position (the x
 coordinate) a linear read-out recovers from the features each cross-attention layer's queries come from,
 on noised held-out scenes: a UNet that can't tell left from right in its own features can't follow
-"on the left". Takes about a minute on one thread.
+"on the left". Takes about a minute on one thread. With --signal it also measures where the training signal
+that teaches the model to listen is, per noise level and per loss term (the model card's "where the
+training signal is").
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import random
 
 import numpy as np
@@ -185,6 +188,135 @@ def position_sense(pipe, unet=None, n_scenes: int = 64, timesteps=(950, 500)) ->
     return out
 
 
+def _scene_latents(pipe, scenes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled latents [N, 4, h, w] (the VAE's mean) and token ids [N, 77] of `scenes`."""
+    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    vae = pipe.vae
+    z = vae.encode(images.to(vae.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
+    ids = pipe.tokenizer(
+        [s.caption for s in scenes], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    return z, ids
+
+
+def x0_weight(snr: float, gamma: float = 5.0, floor: float = 0.0) -> float:
+    """The weight min-SNR-γ training (`train.loss_weights`) gives an error in x0 at this SNR: clamp(SNR, floor, γ)."""
+    return min(max(snr, floor), gamma)
+
+
+@torch.no_grad()
+def caption_gain(pipe, timesteps=(20, 100, 200, 300, 400, 500, 600, 700, 800, 900, 980), n_scenes: int = 64) -> dict:
+    """How much the right caption lowers the denoising loss at each noise level, the training signal that
+    teaches the model to listen. Per timestep t: the ε-prediction MSE on noised training scenes with their
+    own captions (`right`) and with another scene's caption (the batch rolled by one; `gap` = wrong − right),
+    the gap as min-SNR-5 training weighs it (`weighted`), and in x0 terms (gap / SNR: how much closer
+    the caption brings the predicted clean latents). One noise draw per t, seeded."""
+    unet, encoder = pipe.unet, pipe.text_encoder
+    z, ids = _scene_latents(pipe, world.sample_scenes(n_scenes, seed=5))
+    right = encoder(ids).last_hidden_state.to(unet.dtype)
+    wrong = right.roll(1, 0)
+    alphas = pipe.scheduler.alphas_cumprod
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for t in timesteps:
+        noise = torch.randn(z.shape, generator=gen)
+        tt = torch.full((len(z),), t)
+        zt = pipe.scheduler.add_noise(z, noise, tt).to(unet.dtype)
+        mse = [
+            (unet(zt, tt, encoder_hidden_states=c).sample.float() - noise).pow(2).mean().item() for c in (right, wrong)
+        ]
+        snr = (alphas[t] / (1 - alphas[t])).item()
+        gap = mse[1] - mse[0]
+        out[t] = {"snr": snr, "right": mse[0], "gap": gap, "weighted": gap * min(snr, 5.0) / snr, "x0": gap / snr}
+    return out
+
+
+@torch.no_grad()
+def word_visibility(pipe, n: int = 48, seed: int = 0) -> dict:
+    """Up to which noise level x_t itself still shows a word, so that a model can copy it from the image
+    instead of reading the caption. Per kind: the median distance ‖Δz‖ between the scaled latents of two
+    one-object scenes that differ only in a word of that kind (same place, same size, except for the size
+    and position words themselves), and the last timestep where √SNR·‖Δz‖ ≥ 1 (the two noised latents
+    are still about one noise standard deviation apart), with min-SNR-5's x0 weight there."""
+    rng = random.Random(seed)
+    pairs = {"colour": [], "shape": [], "size": [], "position": []}
+    for k in range(n):
+        c, s, size = rng.choice(tuple(world.COLOURS)), rng.choice(world.SHAPES), rng.choice(tuple(world.SIZES))
+        c2 = rng.choice([x for x in world.COLOURS if x != c])
+        s2 = rng.choice([x for x in world.SHAPES if x != s])
+        pairs["colour"].append((k, world.Obj(c, s, size), world.Obj(c2, s, size)))
+        pairs["shape"].append((k, world.Obj(c, s, size), world.Obj(c, s2, size)))
+        pairs["size"].append((k, world.Obj(c, s, "small"), world.Obj(c, s, "large")))
+        pairs["position"].append((k, world.Obj(c, s, size, "on the left"), world.Obj(c, s, size, "on the right")))
+    alphas = pipe.scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    out = {}
+    for kind, rows in pairs.items():
+        # The same seed for both scenes of a pair: the same place wherever the words allow it.
+        scenes = [world.render([o], random.Random(k)) for k, a, b in rows for o in (a, b)]
+        z, _ = _scene_latents(pipe, scenes)
+        dist = float((z[0::2] - z[1::2]).flatten(1).norm(dim=1).median())
+        last = int((snr * dist**2 >= 1).nonzero().max())
+        out[kind] = {
+            "distance": dist,
+            "last_t": last,
+            "snr": snr[last].item(),
+            "x0_weight": x0_weight(snr[last].item()),
+        }
+    return out
+
+
+def loss_gradients(pipe, n_batches: int = 4, seed: int = 0, **options) -> dict:
+    """Per term of the training loss (`mse`: the min-SNR-weighted denoising loss; `attn`, `cover`: the
+    attention losses; `total`: all of them weighted as in training), its value and the norm of its gradient
+    on the UNet's and on the text encoder's parameters, the mean over `n_batches` training batches of the
+    shipped recipe (`options`: `train` options to change it, e.g. snr_floor=1). Works on float32 copies:
+    the pipeline is left as it was."""
+    from diffusers import DDIMScheduler
+
+    from sdviz.toy import train
+
+    args = train.parse_args([])
+    vars(args).update(options)
+    unet = copy.deepcopy(pipe.unet).float().requires_grad_(True)
+    encoder = copy.deepcopy(pipe.text_encoder).float().requires_grad_(True)
+    scenes = world.sample_scenes(256, seed=seed, mix=world.Mix(args.counts, args.p_position, args.sizes))
+    z, _ = _scene_latents(pipe, scenes)
+    args.scaling = 1.0  # `z` is already scaled
+    ids, owner, detach, masks = train.token_targets(
+        scenes, pipe.tokenizer, z.shape[-1], args.attn_words, args.attn_detach_text, args.position_target
+    )
+    probes, procs = [], {}
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            probes.append(train.ProbeProcessor())
+            procs[name] = probes[-1]
+        else:
+            procs[name] = unet.attn_processors[name]
+    unet.set_attn_processor(procs)
+    gen, swap = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 4)
+    words = train.Words.of(pipe.tokenizer, encoder.config.hidden_size, seed + 3, swap)
+    empty = ids[:1].clone()
+    empty[:, 1:] = ids[0, -1]
+    sched = DDIMScheduler(**train.SD_SCHEDULE)
+    parts = {"unet": list(unet.parameters()), "text": list(encoder.parameters())}
+    rows = {}
+    for _ in range(n_batches):
+        batch = train.draw_batch((z, ids, owner, detach, masks), gen, empty, args)
+        mse, total, terms = train.step_loss(unet, encoder, batch, sched, probes, words, args)
+        for name, value in {"mse": mse, **terms, "total": total}.items():
+            row = [value.item()]
+            for params in parts.values():
+                grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+                row.append(
+                    torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None)).item()
+                    if value.requires_grad
+                    else 0.0
+                )
+            rows.setdefault(name, []).append(row)
+    return {name: dict(zip(("value", "unet", "text"), np.mean(r, axis=0).tolist())) for name, r in rows.items()}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m sdviz.toy.probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -199,6 +331,13 @@ def main(argv=None) -> None:
         default=None,
         help="also read position out of a freshly initialised UNet with these block widths (seed 0): what the "
         "architecture gives before training",
+    )
+    p.add_argument(
+        "--signal",
+        action="store_true",
+        help="also measure the training signal (about 3 more minutes): up to which noise level each word "
+        "kind is still visible in x_t, how much the right caption lowers the denoising loss per noise level, "
+        "and each loss term's gradient on the UNet and the text encoder",
     )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -229,6 +368,25 @@ def main(argv=None) -> None:
         print(f"the same, freshly initialised UNet with widths {tuple(args.fresh_unet)}:")
         for t, row in position_sense(pipe, unet=unet).items():
             print(f"  t={t}: " + ", ".join(f"{name} {r2:.2f}" for name, r2 in row.items()))
+    if args.signal:
+        print_signal(pipe)
+
+
+def print_signal(pipe) -> None:
+    """The `--signal` figures: `word_visibility`, `caption_gain` and `loss_gradients`, as tables."""
+    print("how long x_t itself shows a word (one-object scenes differing in one word of the kind):")
+    print(
+        "  kind      median |Δz|   last t with √SNR·|Δz| ≥ 1   SNR there   min-SNR-5 x0 weight there (5 at low noise)"
+    )
+    for kind, r in word_visibility(pipe).items():
+        print(f"  {kind:8s} {r['distance']:10.2f}   {r['last_t']:10d}   {r['snr']:18.4f}   {r['x0_weight']:10.4f}")
+    print("what the right caption is worth per noise level (ε-MSE with another scene's caption minus with its own):")
+    print("     t       SNR   MSE right      gap   min-SNR-5 weighted   in x0 (gap/SNR)")
+    for t, r in caption_gain(pipe).items():
+        print(f"  {t:4d} {r['snr']:9.4f} {r['right']:11.5f} {r['gap']:8.5f} {r['weighted']:20.5f} {r['x0']:17.4f}")
+    print("gradient of each loss term, shipped recipe, mean of 4 batches of 32: value / |grad| UNet / |grad| text")
+    for name, r in loss_gradients(pipe).items():
+        print(f"  {name:8s} {r['value']:.4f} / {r['unet']:.4f} / {r['text']:.4f}")
 
 
 if __name__ == "__main__":
