@@ -266,20 +266,22 @@ def word_visibility(pipe, n: int = 48, seed: int = 0) -> dict:
     return out
 
 
-def loss_gradients(pipe, n_batches: int = 4, seed: int = 0, **options) -> dict:
+def loss_gradients(pipe, n_batches: int = 4, seed: int = 0, models=None, **options) -> dict:
     """Per term of the training loss (`mse`: the min-SNR-weighted denoising loss; `attn`, `cover`: the
     attention losses; `total`: all of them weighted as in training), its value and the norm of its gradient
     on the UNet's and on the text encoder's parameters, the mean over `n_batches` training batches of the
-    shipped recipe (`options`: `train` options to change it, e.g. snr_floor=1). Works on float32 copies:
-    the pipeline is left as it was."""
+    shipped recipe (`options`: `train` options to change it, e.g. snr_floor=1). `models`: a (UNet, text
+    encoder) pair to measure instead of the pipeline's, e.g. freshly initialised ones. Works on float32
+    copies: the pipeline is left as it was."""
     from diffusers import DDIMScheduler
 
     from sdviz.toy import train
 
     args = train.parse_args([])
     vars(args).update(options)
-    unet = copy.deepcopy(pipe.unet).float().requires_grad_(True)
-    encoder = copy.deepcopy(pipe.text_encoder).float().requires_grad_(True)
+    unet, encoder = models or (pipe.unet, pipe.text_encoder)
+    unet = copy.deepcopy(unet).float().requires_grad_(True)
+    encoder = copy.deepcopy(encoder).float().requires_grad_(True)
     scenes = world.sample_scenes(256, seed=seed, mix=world.Mix(args.counts, args.p_position, args.sizes))
     z, _ = _scene_latents(pipe, scenes)
     args.scaling = 1.0  # `z` is already scaled
@@ -339,6 +341,11 @@ def main(argv=None) -> None:
         "kind is still visible in x_t, how much the right caption lowers the denoising loss per noise level, "
         "and each loss term's gradient on the UNet and the text encoder",
     )
+    p.add_argument(
+        "--at-init",
+        action="store_true",
+        help="with --signal: also the gradients of a freshly initialised UNet and text encoder",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load_model(args.model)
@@ -369,10 +376,10 @@ def main(argv=None) -> None:
         for t, row in position_sense(pipe, unet=unet).items():
             print(f"  t={t}: " + ", ".join(f"{name} {r2:.2f}" for name, r2 in row.items()))
     if args.signal:
-        print_signal(pipe)
+        print_signal(pipe, at_init=args.at_init)
 
 
-def print_signal(pipe) -> None:
+def print_signal(pipe, at_init: bool = False) -> None:
     """The `--signal` figures: `word_visibility`, `caption_gain` and `loss_gradients`, as tables."""
     print("how long x_t itself shows a word (one-object scenes differing in one word of the kind):")
     print(
@@ -387,6 +394,19 @@ def print_signal(pipe) -> None:
     print("gradient of each loss term, shipped recipe, mean of 4 batches of 32: value / |grad| UNet / |grad| text")
     for name, r in loss_gradients(pipe).items():
         print(f"  {name:8s} {r['value']:.4f} / {r['unet']:.4f} / {r['text']:.4f}")
+    if at_init:
+        from sdviz.toy import train
+
+        torch.manual_seed(0)
+        defaults = train.parse_args([])
+        size, dim = pipe.unet.config.sample_size, pipe.text_encoder.config.hidden_size
+        models = (
+            train.build_unet(size, tuple(defaults.channels), dim, defaults.layers_per_block),
+            train.build_text_encoder(pipe.tokenizer, dim, defaults.text_layers),
+        )
+        print("the same at initialisation (a fresh UNet and text encoder of the shipped recipe's sizes, seed 0):")
+        for name, r in loss_gradients(pipe, models=models).items():
+            print(f"  {name:8s} {r['value']:.4f} / {r['unet']:.4f} / {r['text']:.4f}")
 
 
 if __name__ == "__main__":
