@@ -349,6 +349,16 @@ def test_the_right_caption_lowers_the_denoising_loss_and_most_in_x0_terms_at_hig
     assert gain[100]["x0"] < gain[500]["x0"] < gain[900]["x0"], gain
 
 
+def test_a_swapped_colour_word_wins_over_the_image_at_low_noise_and_a_position_word_only_at_high(pipe):
+    # Shipped model, 16 scenes: the new colour wins from strength 0.3 (94 %), the old place is kept at 0.3
+    # (100 %) and the new place wins at 1.0 (100 %); shapes follow the new word at no strength (31 % at 1.0).
+    timesteps = pipe.scheduler.timesteps.clone()
+    seen = probe.caption_override(pipe, strengths=(0.3, 1.0), n=4, kinds=("colour", "position"))
+    assert seen["colour"][0.3]["new"] >= 0.75, seen
+    assert seen["position"][0.3]["old"] >= 0.75 and seen["position"][1.0]["new"] >= 0.75, seen
+    assert torch.equal(pipe.scheduler.timesteps, timesteps)  # the pipeline's scheduler was not used
+
+
 def test_loss_gradients_leave_the_pipeline_alone_and_without_attention_losses_the_total_is_the_denoising_loss(pipe):
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     processors = dict(pipe.unet.attn_processors)

@@ -266,6 +266,71 @@ def word_visibility(pipe, n: int = 48, seed: int = 0) -> dict:
     return out
 
 
+def caption_override(
+    pipe, strengths=(0.3, 0.5, 0.7, 0.85, 1.0), n: int = 16, seed: int = 0, kinds=("colour", "shape", "position")
+) -> dict:
+    """From which noise level the caption wins over the image, per word kind (colour, shape, position).
+
+    Each of `n` one-object scenes (any colour and shape, large, left or right) is noised to a strength
+    (img2img: `StableDiffusionImg2ImgPipeline` on the pipeline's own modules, 20 DDIM steps scaled by the
+    strength, guidance 5; strength 1.0 starts at t = 951) and denoised with its caption with one word of
+    the kind swapped. Per kind and strength: the share of images where the object follows the new word
+    (its colour present; its shape, or its place, the new one) and where it keeps the scene's old one.
+    A model that reads a word draws the new one once the noise has hidden the old; one that copies it
+    from x_t keeps the old."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    from sdviz.toy import evaluate
+
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # the pipeline's own stays as it was
+    img2img = StableDiffusionImg2ImgPipeline(
+        **{**pipe.components, "scheduler": scheduler}, requires_safety_checker=False
+    )
+    img2img.set_progress_bar_config(disable=True)
+    rng = random.Random(seed)
+    cases = []
+    for k in range(n):
+        c, s = rng.choice(tuple(world.COLOURS)), rng.choice(world.SHAPES)
+        old = world.Obj(c, s, "large", rng.choice(("on the left", "on the right")))
+        other = "on the right" if old.position == "on the left" else "on the left"
+        swapped = {
+            "colour": world.Obj(rng.choice([x for x in world.COLOURS if x != c]), s, "large", old.position),
+            "shape": world.Obj(c, rng.choice([x for x in world.SHAPES if x != s]), "large", old.position),
+            "position": world.Obj(c, s, "large", other),
+        }
+        cases.append((Image.fromarray(world.render([old], random.Random(k)).image), old, swapped))
+
+    def holds(image, obj, kind) -> bool:
+        found, (row,) = evaluate.score_objects(image, [obj])
+        return obj.colour in found and (kind == "colour" or bool(row[kind]))
+
+    out = {}
+    for kind in kinds:
+        for strength in strengths:
+            new_hits, old_hits = [], []
+            for k, (image, old, swapped) in enumerate(cases):
+                new = swapped[kind]
+                drawn = img2img(
+                    new.phrase(),
+                    image=image,
+                    strength=strength,
+                    num_inference_steps=20,
+                    guidance_scale=5.0,
+                    generator=torch.Generator().manual_seed(seed + k),
+                ).images[0]
+                drawn = np.asarray(drawn)
+                if kind == "colour":
+                    found = evaluate.score_objects(drawn, [new])[0]
+                    new_hits.append(new.colour in found and old.colour not in found)
+                    old_hits.append(old.colour in found and new.colour not in found)
+                else:
+                    new_hits.append(holds(drawn, new, kind))
+                    old_hits.append(holds(drawn, old, kind))
+            out.setdefault(kind, {})[strength] = {"new": float(np.mean(new_hits)), "old": float(np.mean(old_hits))}
+    return out
+
+
 def loss_gradients(pipe, n_batches: int = 4, seed: int = 0, models=None, **options) -> dict:
     """Per term of the training loss (`mse`: the min-SNR-weighted denoising loss; `attn`, `cover`: the
     attention losses; `total`: all of them weighted as in training), its value and the norm of its gradient
@@ -337,9 +402,10 @@ def main(argv=None) -> None:
     p.add_argument(
         "--signal",
         action="store_true",
-        help="also measure the training signal (about 3 more minutes): up to which noise level each word "
-        "kind is still visible in x_t, how much the right caption lowers the denoising loss per noise level, "
-        "and each loss term's gradient on the UNet and the text encoder",
+        help="also measure where the training signal is (about 8 more minutes on one thread): up to which noise "
+        "level each word kind is still visible in x_t, how much the right caption lowers the denoising loss per "
+        "noise level, from which noise level a swapped word wins over the image, and each loss term's gradient "
+        "on the UNet and the text encoder",
     )
     p.add_argument(
         "--at-init",
@@ -391,6 +457,10 @@ def print_signal(pipe, at_init: bool = False) -> None:
     print("     t       SNR   MSE right      gap   min-SNR-5 weighted   in x0 (gap/SNR)")
     for t, r in caption_gain(pipe).items():
         print(f"  {t:4d} {r['snr']:9.4f} {r['right']:11.5f} {r['gap']:8.5f} {r['weighted']:20.5f} {r['x0']:17.4f}")
+    print("from which noise level the caption wins: one-object scenes noised (img2img strength) and redrawn with")
+    print("one word swapped; share following the new word / keeping the old, 16 scenes")
+    for kind, row in caption_override(pipe).items():
+        print(f"  {kind:8s} " + "   ".join(f"{s:.2f}: {r['new']:.0%} / {r['old']:.0%}" for s, r in row.items()))
     print("gradient of each loss term, shipped recipe, mean of 4 batches of 32: value / |grad| UNet / |grad| text")
     for name, r in loss_gradients(pipe).items():
         print(f"  {name:8s} {r['value']:.4f} / {r['unet']:.4f} / {r['text']:.4f}")
