@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import random
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -266,28 +267,18 @@ def word_visibility(pipe, n: int = 48, seed: int = 0) -> dict:
     return out
 
 
-def caption_override(
-    pipe, strengths=(0.3, 0.5, 0.7, 0.85, 1.0), n: int = 16, seed: int = 0, kinds=("colour", "shape", "position")
-) -> dict:
-    """From which noise level the caption wins over the image, per word kind (colour, shape, position).
+class SwapCase(NamedTuple):
+    """A one-object scene (`image`, uint8 [64, 64, 3], of `old`) and, per word kind, the object with one
+    word of that kind swapped."""
 
-    Each of `n` one-object scenes (any colour and shape, large, left or right) is noised to a strength
-    (img2img: `StableDiffusionImg2ImgPipeline` on the pipeline's own modules, 20 DDIM steps scaled by the
-    strength, guidance 5; strength 1.0 starts at t = 951) and denoised with its caption with one word of
-    the kind swapped. Per kind and strength: the share of images where the object follows the new word
-    (its colour present; its shape, or its place, the new one) and where it keeps the scene's old one.
-    A model that reads a word draws the new one once the noise has hidden the old; one that copies it
-    from x_t keeps the old."""
-    from diffusers import StableDiffusionImg2ImgPipeline
-    from PIL import Image
+    image: np.ndarray
+    old: world.Obj
+    swapped: dict
 
-    from sdviz.toy import evaluate
 
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # the pipeline's own stays as it was
-    img2img = StableDiffusionImg2ImgPipeline(
-        **{**pipe.components, "scheduler": scheduler}, requires_safety_checker=False
-    )
-    img2img.set_progress_bar_config(disable=True)
+def swap_cases(n: int, seed: int = 0) -> list[SwapCase]:
+    """`n` one-object scenes, large, on the left or right, any colour and shape (seeded), each with its
+    colour, shape and position swapped for another of the kind."""
     rng = random.Random(seed)
     cases = []
     for k in range(n):
@@ -299,34 +290,69 @@ def caption_override(
             "shape": world.Obj(c, rng.choice([x for x in world.SHAPES if x != s]), "large", old.position),
             "position": world.Obj(c, s, "large", other),
         }
-        cases.append((Image.fromarray(world.render([old], random.Random(k)).image), old, swapped))
+        cases.append(SwapCase(world.render([old], random.Random(k)).image, old, swapped))
+    return cases
 
-    def holds(image, obj, kind) -> bool:
-        found, (row,) = evaluate.score_objects(image, [obj])
-        return obj.colour in found and (kind == "colour" or bool(row[kind]))
 
+class Redrawer:
+    """img2img on a text-to-image pipeline's own modules (`StableDiffusionImg2ImgPipeline`, with a scheduler
+    of its own so the pipeline's is left as it was): `redrawer(image, caption, strength, seed)` noises
+    `image` to `strength` (1.0: t = 951 with 20 DDIM steps) and denoises it with `caption` (20 steps
+    scaled by the strength, guidance 5)."""
+
+    def __init__(self, pipe):
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        self.pipe = StableDiffusionImg2ImgPipeline(
+            **{**pipe.components, "scheduler": scheduler}, requires_safety_checker=False
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def __call__(self, image: np.ndarray, caption: str, strength: float, seed: int) -> np.ndarray:
+        from PIL import Image
+
+        drawn = self.pipe(
+            caption,
+            image=Image.fromarray(image),
+            strength=strength,
+            num_inference_steps=20,
+            guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(seed),
+        ).images[0]
+        return np.asarray(drawn)
+
+
+def follows(image: np.ndarray, obj: world.Obj, kind: str, instead: world.Obj) -> bool:
+    """Whether `image` shows `obj` as far as `kind` goes: for a colour, its colour and not that of
+    `instead`; for a shape or position, its colour with the right shape or place (`evaluate`'s checks)."""
+    from sdviz.toy import evaluate
+
+    found, (row,) = evaluate.score_objects(image, [obj])
+    if kind == "colour":
+        return obj.colour in found and instead.colour not in found
+    return obj.colour in found and bool(row[kind])
+
+
+def caption_override(
+    pipe, strengths=(0.3, 0.5, 0.7, 0.85, 1.0), n: int = 16, seed: int = 0, kinds=("colour", "shape", "position")
+) -> dict:
+    """From which noise level the caption wins over the image, per word kind (colour, shape, position).
+
+    Each of `n` one-object scenes (`swap_cases`) is noised to a strength and redrawn (`Redrawer`) with its
+    caption with one word of the kind swapped. Per kind and strength: the share of images where the object
+    follows the new word and where it keeps the scene's old one (`follows`). A model that reads a word draws
+    the new one once the noise has hidden the old; one that copies it from x_t keeps the old."""
+    redraw, cases = Redrawer(pipe), swap_cases(n, seed)
     out = {}
     for kind in kinds:
         for strength in strengths:
             new_hits, old_hits = [], []
-            for k, (image, old, swapped) in enumerate(cases):
-                new = swapped[kind]
-                drawn = img2img(
-                    new.phrase(),
-                    image=image,
-                    strength=strength,
-                    num_inference_steps=20,
-                    guidance_scale=5.0,
-                    generator=torch.Generator().manual_seed(seed + k),
-                ).images[0]
-                drawn = np.asarray(drawn)
-                if kind == "colour":
-                    found = evaluate.score_objects(drawn, [new])[0]
-                    new_hits.append(new.colour in found and old.colour not in found)
-                    old_hits.append(old.colour in found and new.colour not in found)
-                else:
-                    new_hits.append(holds(drawn, new, kind))
-                    old_hits.append(holds(drawn, old, kind))
+            for k, case in enumerate(cases):
+                new = case.swapped[kind]
+                drawn = redraw(case.image, new.phrase(), strength, seed + k)
+                new_hits.append(follows(drawn, new, kind, case.old))
+                old_hits.append(follows(drawn, case.old, kind, new))
             out.setdefault(kind, {})[strength] = {"new": float(np.mean(new_hits)), "old": float(np.mean(old_hits))}
     return out
 
