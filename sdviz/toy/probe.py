@@ -428,7 +428,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--signal",
         action="store_true",
-        help="also measure where the training signal is (about 8 more minutes on one thread): up to which noise "
+        help="also measure where the training signal is (a quarter of an hour on one busy thread): up to which noise "
         "level each word kind is still visible in x_t, how much the right caption lowers the denoising loss per "
         "noise level, from which noise level a swapped word wins over the image, and each loss term's gradient "
         "on the UNet and the text encoder",
