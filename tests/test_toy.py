@@ -328,7 +328,8 @@ def test_every_word_kind_stays_visible_in_x_t_until_high_noise_and_size_and_posi
     # from the image over most of the schedule, and min-SNR-5 weighs the steps where only the caption can
     # say it at under 1/50 of the low-noise ones. Size and position move whole objects: twice the distance.
     seen = probe.word_visibility(pipe)
-    snr = (lambda a: a / (1 - a))(pipe.scheduler.alphas_cumprod)
+    alphas = pipe.scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
     for kind, r in seen.items():
         # last_t is the last step where √SNR·|Δz| ≥ 1 (SNR falls with t)
         assert snr[r["last_t"]] * r["distance"] ** 2 >= 1, kind

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 import sdviz
-from sdviz.toy import world
-from sdviz.toy.evaluate import load_model
+from sdviz.toy import evaluate, train, world
 
 KINDS = {
     "colour": tuple(world.COLOURS),
@@ -152,12 +151,7 @@ def position_sense(pipe, unet=None, n_scenes: int = 64, timesteps=(950, 500)) ->
     read-out of the x coordinate from the layer's input features, fitted on half the noised held-out
     scenes, scored on the other half. `unet` (default the pipeline's) may be any UNet for the same latents."""
     unet = unet or pipe.unet
-    scenes = world.sample_scenes(n_scenes, seed=4321, heldout=True)
-    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    z = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor  # [N, 4, h, w]
-    ids = pipe.tokenizer(
-        [s.caption for s in scenes], padding="max_length", max_length=77, return_tensors="pt"
-    ).input_ids
+    z, ids = _scene_latents(pipe, world.sample_scenes(n_scenes, seed=4321, heldout=True))
     cond = pipe.text_encoder(ids).last_hidden_state  # [N, 77, d]
     feats = {}
 
@@ -191,18 +185,11 @@ def position_sense(pipe, unet=None, n_scenes: int = 64, timesteps=(950, 500)) ->
 
 def _scene_latents(pipe, scenes) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled latents [N, 4, h, w] (the VAE's mean) and token ids [N, 77] of `scenes`."""
-    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    vae = pipe.vae
-    z = vae.encode(images.to(vae.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
+    z = train.encode_all(pipe.vae, train.to_tensor(np.stack([s.image for s in scenes])))
     ids = pipe.tokenizer(
         [s.caption for s in scenes], padding="max_length", max_length=77, return_tensors="pt"
     ).input_ids
-    return z, ids
-
-
-def x0_weight(snr: float, gamma: float = 5.0, floor: float = 0.0) -> float:
-    """The weight min-SNR-γ training (`train.loss_weights`) gives an error in x0 at this SNR: clamp(SNR, floor, γ)."""
-    return min(max(snr, floor), gamma)
+    return z * pipe.vae.config.scaling_factor, ids
 
 
 @torch.no_grad()
@@ -226,9 +213,10 @@ def caption_gain(pipe, timesteps=(20, 100, 200, 300, 400, 500, 600, 700, 800, 90
         mse = [
             (unet(zt, tt, encoder_hidden_states=c).sample.float() - noise).pow(2).mean().item() for c in (right, wrong)
         ]
-        snr = (alphas[t] / (1 - alphas[t])).item()
+        snr = alphas[t] / (1 - alphas[t])
         gap = mse[1] - mse[0]
-        out[t] = {"snr": snr, "right": mse[0], "gap": gap, "weighted": gap * min(snr, 5.0) / snr, "x0": gap / snr}
+        weighted = gap * train.loss_weights(snr).item()
+        out[t] = {"snr": snr.item(), "right": mse[0], "gap": gap, "weighted": weighted, "x0": gap / snr.item()}
     return out
 
 
@@ -251,6 +239,7 @@ def word_visibility(pipe, n: int = 48, seed: int = 0) -> dict:
         pairs["position"].append((k, world.Obj(c, s, size, "on the left"), world.Obj(c, s, size, "on the right")))
     alphas = pipe.scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
+    x0_weights = train.loss_weights(snr) * snr  # what training weighs an x0 error by
     out = {}
     for kind, rows in pairs.items():
         # The same seed for both scenes of a pair: the same place wherever the words allow it.
@@ -262,7 +251,7 @@ def word_visibility(pipe, n: int = 48, seed: int = 0) -> dict:
             "distance": dist,
             "last_t": last,
             "snr": snr[last].item(),
-            "x0_weight": x0_weight(snr[last].item()),
+            "x0_weight": x0_weights[last].item(),
         }
     return out
 
@@ -326,8 +315,6 @@ class Redrawer:
 def follows(image: np.ndarray, obj: world.Obj, kind: str, instead: world.Obj) -> bool:
     """Whether `image` shows `obj` as far as `kind` goes: for a colour, its colour and not that of
     `instead`; for a shape or position, its colour with the right shape or place (`evaluate`'s checks)."""
-    from sdviz.toy import evaluate
-
     found, (row,) = evaluate.score_objects(image, [obj])
     if kind == "colour":
         return obj.colour in found and instead.colour not in found
@@ -366,8 +353,6 @@ def loss_gradients(pipe, n_batches: int = 4, seed: int = 0, models=None, **optio
     copies: the pipeline is left as it was."""
     from diffusers import DDIMScheduler
 
-    from sdviz.toy import train
-
     args = train.parse_args([])
     vars(args).update(options)
     unet, encoder = models or (pipe.unet, pipe.text_encoder)
@@ -379,13 +364,11 @@ def loss_gradients(pipe, n_batches: int = 4, seed: int = 0, models=None, **optio
     ids, owner, detach, masks = train.token_targets(
         scenes, pipe.tokenizer, z.shape[-1], args.attn_words, args.attn_detach_text, args.position_target
     )
-    probes, procs = [], {}
-    for name in unet.attn_processors:
-        if name.endswith("attn2.processor"):
-            probes.append(train.ProbeProcessor())
-            procs[name] = probes[-1]
-        else:
-            procs[name] = unet.attn_processors[name]
+    procs = {
+        name: train.ProbeProcessor() if name.endswith("attn2.processor") else proc
+        for name, proc in unet.attn_processors.items()
+    }
+    probes = [proc for proc in procs.values() if isinstance(proc, train.ProbeProcessor)]
     unet.set_attn_processor(procs)
     gen, swap = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 4)
     words = train.Words.of(pipe.tokenizer, encoder.config.hidden_size, seed + 3, swap)
@@ -440,7 +423,7 @@ def main(argv=None) -> None:
     )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipe = load_model(args.model)
+    pipe = evaluate.load_model(args.model)
     pipe.set_progress_bar_config(disable=True)
     print("text encoder: distance between input embeddings / change of the token vector at the swapped word /")
     print("mean change at the padding, when one word of the kind is swapped (token vectors' norm for scale)")
@@ -460,10 +443,10 @@ def main(argv=None) -> None:
     for t, row in position_sense(pipe).items():
         print(f"  t={t}: " + ", ".join(f"{name} {r2:.2f}" for name, r2 in row.items()))
     if args.fresh_unet:
-        from sdviz.toy.train import build_unet
-
         torch.manual_seed(0)
-        unet = build_unet(pipe.unet.config.sample_size, tuple(args.fresh_unet), pipe.text_encoder.config.hidden_size)
+        unet = train.build_unet(
+            pipe.unet.config.sample_size, tuple(args.fresh_unet), pipe.text_encoder.config.hidden_size
+        )
         print(f"the same, freshly initialised UNet with widths {tuple(args.fresh_unet)}:")
         for t, row in position_sense(pipe, unet=unet).items():
             print(f"  t={t}: " + ", ".join(f"{name} {r2:.2f}" for name, r2 in row.items()))
@@ -491,8 +474,6 @@ def print_signal(pipe, at_init: bool = False) -> None:
     for name, r in loss_gradients(pipe).items():
         print(f"  {name:8s} {r['value']:.4f} / {r['unet']:.4f} / {r['text']:.4f}")
     if at_init:
-        from sdviz.toy import train
-
         torch.manual_seed(0)
         defaults = train.parse_args([])
         size, dim = pipe.unet.config.sample_size, pipe.text_encoder.config.hidden_size
